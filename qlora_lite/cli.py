@@ -1,0 +1,191 @@
+"""`qlora-lite` command line: train, export, memory, demo.
+
+Each sub-command parses its arguments, calls the library, and renders the result with rich.
+A `QloraLiteError` becomes one line on stderr and exit code 2 (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Callable, Sequence
+
+from .errors import QloraLiteError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party chatter (load bars, bitsandbytes notices) out of our output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------- train
+def _add_train(sub) -> None:
+    from .config import field_help
+
+    keys = "\n".join(f"  --{key} (default {default}): {help_}" for key, default, help_ in field_help())
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with QLoRA from a YAML config",
+        description="Fine-tune with QLoRA. Every config key can be overridden as --section.key value.",
+        epilog="config keys:\n" + keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML training config")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.set_defaults(handler=_cmd_train, accepts_overrides=True)
+
+
+def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    raise QloraLiteError("`qlora-lite train` is not available in this build yet.")
+
+
+# ---------------------------------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="merge an adapter into the base and write fp16/bf16 weights")
+    p.add_argument("--base", required=True, help="base model directory")
+    p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    p.add_argument("--out", required=True, help="output directory for the merged model")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--merge-into", default="dequantized", choices=["dequantized", "original"])
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--verify", action="store_true", help="compare the merged model's logits with base + adapter")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    raise QloraLiteError("`qlora-lite export` is not available in this build yet.")
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _add_memory(sub) -> None:
+    p = sub.add_parser("memory", help="predict GPU memory for a run and say whether it fits")
+    p.add_argument("model", help="model directory or preset name")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gpu-memory", default=None, help="budget such as 12GiB, or a GPU name such as rtx-4090-24gb")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(handler=_cmd_memory)
+
+
+def _cmd_memory(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    raise QloraLiteError("`qlora-lite memory` is not available in this build yet.")
+
+
+# ------------------------------------------------------------------------------------------ demo
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline quick start: tiny model, 4-bit QLoRA, a few steps")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its model and run")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from .loader import load_quantized
+    from .lora import apply_lora, trainable_summary
+    from .tiny import save_tiny_model
+
+    console = _console()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_tiny_model(Path(tmp) / "tiny-llama", "llama")
+        model, tokenizer = load_quantized(model_dir, bits=4, device="cpu")
+        apply_lora(model, r=8, alpha=16, seed=0)
+        console.print(trainable_summary(model))
+        ids = tokenizer(["qlora-lite runs offline"], return_tensors="pt").input_ids
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        losses = []
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        console.print(f"one 4-bit QLoRA step: loss {losses[0]:.4f} -> {losses[1]:.4f}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    """The `qlora-lite` argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="qlora-lite", description="QLoRA fine-tuning on one constrained GPU.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="{train,export,memory,demo}")
+    sub.required = True
+    for add in (_add_train, _add_export, _add_memory, _add_demo):
+        add(sub)
+    return parser
+
+
+def _split_overrides(extra: list[str]) -> dict[str, str]:
+    """Turn ['--lora.r', '8', '--train.lr=1e-4'] into {'lora.r': '8', 'train.lr': '1e-4'}."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise QloraLiteError(f"unexpected argument {token!r}; overrides look like --section.key value.")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(extra):
+            i += 1
+            value = extra[i]
+        else:
+            raise QloraLiteError(f"override {token} has no value; write {token} VALUE.")
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `qlora-lite` and `python -m qlora_lite`; returns the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    debug = args.debug or "--debug" in extra
+    extra = [e for e in extra if e != "--debug"]
+    _quiet_libraries()
+    handler: Callable = args.handler
+    try:
+        if extra and not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return int(handler(args, _split_overrides(extra)) or 0)
+    except QloraLiteError as exc:
+        if debug:
+            raise
+        _console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _console(stderr=True).print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

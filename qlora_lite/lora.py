@@ -1,0 +1,166 @@
+"""LoRA over a frozen (quantized) linear layer, injection into a model, and the adapter state dict.
+
+`y = base(x) + scaling * B(A(dropout(x)))` with scaling = alpha / r (alpha / sqrt(r) with rslora).
+The base is a bitsandbytes `Linear4bit` / `Linear8bitLt` (or a plain linear); its forward multiplies by
+the packed weight and its backward re-dequantizes it, so no dequantized copy is kept for backward.
+A is Kaiming-uniform (a = sqrt(5)) and B is zero, as in peft, so a fresh adapter leaves outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import ConfigError
+from .quant import COMPUTE_DTYPE
+from .targets import TargetSpec, resolve_targets
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer, GPT-2's Conv1D included."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    if hasattr(module, "nf") and hasattr(module, "weight"):  # transformers Conv1D: weight is [in, out]
+        return int(module.weight.shape[0]), int(module.nf)
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear plus a trainable low-rank update in `adapter_dtype` (bf16 by default)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        adapter_dtype: torch.dtype = COMPUTE_DTYPE,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.r = r
+        self.scaling = lora_scaling(r, alpha, rslora)
+        device = next((t.device for t in base_layer.parameters() if t.device.type != "meta"), torch.device("cpu"))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ Kaiming-uniform(a=sqrt(5)) drawn in fp32 then cast, B = 0 (peft's default)."""
+        a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32, device=self.lora_A.weight.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(adapter_in)) * self.scaling
+        return result + update.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+@dataclass
+class LoraSettings:
+    """What `apply_lora` did to a model, kept on it for saving and export."""
+
+    config: LoraConfig
+    targets: list[str] = field(default_factory=list)
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    target_modules: TargetSpec = "all-linear",
+    *,
+    rslora: bool = False,
+    adapter_dtype: torch.dtype = COMPUTE_DTYPE,
+    seed: int | None = None,
+) -> nn.Module:
+    """Wrap the targeted linear layers of `model` with LoRA, in place; only A and B stay trainable.
+
+    Raises `ConfigError` for r <= 0, r larger than a layer's smaller side, or targets that match nothing.
+    """
+    if isinstance(target_modules, tuple):
+        target_modules = list(target_modules)
+    settings = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, rslora=rslora)
+    settings.validate()
+    if getattr(model, "qlora_lora", None) is not None:
+        raise ConfigError("this model already has LoRA adapters; load a fresh base model to apply new ones.")
+    targets = resolve_targets(model, target_modules)
+    for name in targets:
+        in_f, out_f = linear_dims(model.get_submodule(name))
+        if r > min(in_f, out_f):
+            raise ConfigError(
+                f"lora.r is {r}, larger than the smaller side ({min(in_f, out_f)}) of layer {name} [{out_f} x {in_f}]; "
+                f"use r <= {min(in_f, out_f)}."
+            )
+    model.requires_grad_(False)
+    generator_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for name in targets:
+            parent_path, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            setattr(parent, child, LoraLinear(getattr(parent, child), r, alpha, dropout, rslora, adapter_dtype))
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(generator_state)
+    model.qlora_lora = LoraSettings(config=settings, targets=targets)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every LoRA layer of the model by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors keyed by module path: `<path>.lora_A.weight`, `<path>.lora_B.weight`."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    return state
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    # A packed 4-bit weight stores two parameters per uint8 element (peft counts it the same way).
+    if param.__class__.__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, 4-bit weights counted as the parameters they hold."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = _logical_numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """peft's one-line summary: trainable params || all params || trainable%."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
