@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random models saved as safetensors (built once per session), offline tokenizer."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+warnings.filterwarnings("ignore", module="bitsandbytes")
+torch.set_num_threads(2)
+
+from qlora_lite.tiny import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: tiny_model_dir(arch, **config_overrides) -> Path, cached per argument set."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", **kwargs):
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            cache[key] = save_tiny_model(path, arch, **kwargs)
+        return cache[key]
+
+    return make
+
