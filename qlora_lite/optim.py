@@ -1,0 +1,111 @@
+"""The adapter optimizer: fp32 master weights behind bf16 adapters, so no update is lost to bf16 rounding.
+
+A and B live in bf16 (what the forward multiplies by). The optimizer owns an fp32 master copy of each;
+every step copies the bf16 gradients into fp32, updates the masters with the inner optimizer
+(bitsandbytes 8-bit AdamW, its paged variant on CUDA, or torch AdamW) and rounds the masters back into
+the bf16 parameters. An update smaller than bf16's spacing therefore accumulates in the master instead
+of vanishing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
+
+
+def resolve_optimizer_name(name: str, device: torch.device) -> str:
+    """Paged optimizers need CUDA; elsewhere paged_adamw_8bit falls back to adamw_8bit."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {name!r} is not supported; use one of {', '.join(OPTIMIZERS)}.")
+    if name == "paged_adamw_8bit" and device.type != "cuda":
+        return "adamw_8bit"
+    return name
+
+
+def _inner_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_decay: float, betas, eps):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes as bnb
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class AdapterOptimizer:
+    """AdamW over fp32 master copies of (usually bf16) trainable parameters.
+
+    `param_groups` is the inner optimizer's, so schedules set `group["lr"]` as usual.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        name: str = "adamw_8bit",
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ConfigError("there are no trainable parameters; apply LoRA before building the optimizer.")
+        self.name = resolve_optimizer_name(name, self.params[0].device)
+        # fp32 parameters are their own master; lower-precision ones get an fp32 copy.
+        self.masters = [
+            p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in self.params
+        ]
+        self.inner = _inner_optimizer(self.name, self.masters, lr, weight_decay, betas, eps)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    def zero_grad(self) -> None:
+        """Drop the gradients of the parameters and of their masters."""
+        for p, m in zip(self.params, self.masters):
+            p.grad = None
+            m.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Move gradients to the fp32 masters, update them, and round them back into the parameters."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+                m.grad = None
+
+    def state_dict(self) -> dict:
+        """Inner optimizer state plus the fp32 masters (needed for an exact resume)."""
+        return {"name": self.name, "inner": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned; the parameters are set from the masters."""
+        if state.get("name") != self.name or len(state["masters"]) != len(self.masters):
+            raise ConfigError(
+                f"the checkpoint's optimizer ({state.get('name')}, {len(state['masters'])} tensors) does not match this run "
+                f"({self.name}, {len(self.masters)} tensors); resume with the same optimizer and LoRA settings."
+            )
+        for p, m, saved in zip(self.params, self.masters, state["masters"]):
+            m.copy_(saved.to(m.device))
+            if m is not p:
+                p.copy_(m)
+        self.inner.load_state_dict(state["inner"])
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the optimizer holds: masters that are copies, and the inner state."""
+        tensors = [m for m, p in zip(self.masters, self.params) if m is not p]
+        for per_param in self.inner.state.values():
+            tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
+        return tensors
