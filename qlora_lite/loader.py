@@ -8,9 +8,10 @@ mmap), and a targeted weight is quantized and dropped before the next tensor is 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -22,6 +23,19 @@ from .files import SafetensorsFile, weight_files
 from .targets import TargetSpec, resolve_targets
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim, or a no-op elsewhere.
+
+    Freed bf16 temporaries sit between long-lived packed weights in glibc's heap; without handing those
+    pages back, resident memory grows by several times the largest tensor while loading.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
 
 
 def default_device() -> torch.device:
@@ -168,6 +182,7 @@ def load_quantized(
     model = build_skeleton(config, trust_remote_code)
     targets = set(resolve_targets(model, target_modules))
     tied = _tied_groups(model)
+    release_freed = _malloc_trim()
     stashed_bias: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
 
@@ -207,6 +222,7 @@ def load_quantized(
                 setattr(model.get_submodule(parent_path), child, layer)
                 replaced.add(module_path)
                 del weight, tensor
+                release_freed()
             else:
                 _set_tensor(model, name, tensor.to(device))
 

@@ -52,8 +52,9 @@ def test_4bit_roundtrip_error_is_what_4_bits_give(quant_type):
     weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(2))
     packed, state = quant.quantize_4bit(weight, quant_type)
     error = ((quant.bnbf.dequantize_4bit(packed, state).float() - weight).norm() / weight.norm()).item()
-    # NF4 on Gaussian weights: ~0.1 relative RMS error; FP4 is a little worse. Far below 1, far above bf16.
-    assert 0.05 < error < (0.12 if quant_type == "nf4" else 0.16)
+    # Gaussian weights, blocksize 64: NF4 gives 0.091 relative RMS error here, FP4 0.122 (NF4 is the better code)
+    low, high = (0.08, 0.10) if quant_type == "nf4" else (0.11, 0.13)
+    assert low < error < high
 
 
 def test_8bit_is_rowwise_absmax_rounding():

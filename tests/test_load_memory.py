@@ -1,0 +1,37 @@
+"""Loading memory, measured from outside: the peak RSS of a fresh process that loads a 4-shard checkpoint
+stays under the quantized model + the largest tensor in bf16 + a fixed overhead."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "measure_load_memory.py"
+MIB = 2**20
+# Allocator slack, bitsandbytes' per-tensor quantization temporaries and the dtype-conversion buffer.
+FIXED_OVERHEAD = 96 * MIB
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("measure_load_memory", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_streaming_load_peak_rss_is_bounded(tmp_path):
+    tool = load_tool()
+    big, tiny = tool.make_models(tmp_path, hidden=1024, layers=12, vocab=8192, shard_size="100MB")
+    assert len(list(big.glob("*.safetensors"))) >= 4
+    checkpoint_bytes = sum(p.stat().st_size for p in big.glob("*.safetensors"))  # ~290 MiB of bf16
+
+    baseline = tool.run_child("baseline", big, tiny)["peak"]
+    ours = tool.run_child("qlora", big, tiny)
+    above = ours["peak"] - baseline
+    bound = ours["model_bytes"] + tool.largest_tensor_bf16(big) + FIXED_OVERHEAD
+    assert above <= bound, f"peak {above / MIB:.0f} MiB above baseline > bound {bound / MIB:.0f} MiB"
+    # a load that materialises the bf16 model before quantizing needs at least the checkpoint's size
+    assert above < 0.7 * checkpoint_bytes
