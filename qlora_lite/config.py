@@ -50,6 +50,9 @@ class LoraConfig:
         "all-linear", "'all-linear', a list of module names (e.g. [q_proj, v_proj]) or a regex over full module paths"
     )
     rslora: bool = _setting(False, "rank-stabilised scaling alpha / sqrt(r)")
+    adapter_dtype: str = _setting(
+        "bfloat16", "dtype A and B are stored in: bfloat16 (the optimizer keeps fp32 masters) or float32"
+    )
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -58,11 +61,15 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout is {self.dropout}; it must be in [0, 1).")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("lora.target_modules is an empty list; name at least one module or use 'all-linear'.")
+        if self.adapter_dtype not in ("bfloat16", "float32"):
+            raise ConfigError(f"lora.adapter_dtype is {self.adapter_dtype!r}; use 'bfloat16' or 'float32'.")
 
 
 @dataclass
 class DataConfig:
-    train: str = _setting("", "training data: a .jsonl / .json file (text, prompt/completion or messages records)")
+    train: str = _setting(
+        "", "training data: a .jsonl / .json file (text, prompt/completion or messages records), or a datasets name 'org/name[:split]'"
+    )
     eval: str = _setting("", "evaluation data file; empty to split eval_fraction off the training data")
     eval_fraction: float = _setting(0.0, "fraction of the training records held out for eval when data.eval is empty")
     max_seq_len: int = _setting(1024, "tokens per sequence; longer records are truncated (see truncation)")
@@ -93,6 +100,7 @@ class TrainSettings:
     eval_every: int = _setting(50, "steps between eval passes (0: only at the end)")
     save_every: int = _setting(50, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _setting(2, "how many of the newest checkpoints to keep")
+    bf16: bool = _setting(True, "run the forward under bf16 autocast where the device has it (CUDA with bf16, the CPU)")
 
     def validate(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "keep_checkpoints", "log_every"):

@@ -74,11 +74,35 @@ class AdapterOptimizer:
             m.grad = None
 
     @torch.no_grad()
+    def accumulate_grads(self) -> None:
+        """Add the parameters' gradients into fp32 gradients on the masters and clear them.
+
+        Called after each micro-batch's backward, so gradient accumulation sums in fp32, not in bf16.
+        """
+        for p, m in zip(self.params, self.masters):
+            if m is not p and p.grad is not None:
+                g = p.grad.float()
+                m.grad = g if m.grad is None else m.grad.add_(g)
+                p.grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Total fp32 gradient norm of the masters; scales the gradients to `max_norm` if above it (0: no clip)."""
+        self.accumulate_grads()
+        grads = [m.grad for m in self.masters if m.grad is not None]
+        if not grads:
+            return 0.0
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if max_norm > 0:
+            scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(scale)
+        return float(total)
+
+    @torch.no_grad()
     def step(self) -> None:
         """Move gradients to the fp32 masters, update them, and round them back into the parameters."""
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+        self.accumulate_grads()
         self.inner.step()
         for p, m in zip(self.params, self.masters):
             if m is not p:
