@@ -1,0 +1,144 @@
+"""Causal-LM loss without the full-vocabulary logits: `lm_head` + cross-entropy, chunk by chunk.
+
+transformers computes logits for every position ([tokens, vocab] in bf16), upcasts them to fp32 for the
+loss and keeps both for backward: with a 128k vocabulary and 2048 tokens that is 1.5 GiB per sequence.
+Here the rows are processed `chunk_size` tokens at a time: each chunk's fp32 logits give its loss and,
+immediately, its gradient with respect to the hidden states (softmax - one-hot), so only one chunk of
+logits ever exists and backward just scales the stored hidden-state gradient (as Liger-Kernel's fused
+linear cross-entropy does). A frozen `lm_head` gets no gradient; a trainable one accumulates it per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, normalizer: float, softcap: float):
+        n_tokens = hidden.shape[0]
+        needs_hidden_grad = hidden.requires_grad
+        needs_weight_grad = weight.requires_grad
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight_grad else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n_tokens, chunk_size):
+            rows = slice(start, min(start + chunk_size, n_tokens))
+            target = labels[rows]
+            valid = target != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            h = hidden[rows]
+            raw = (h @ weight.t()).float()
+            if bias is not None:
+                raw = raw + bias.float()
+            logits = softcap * torch.tanh(raw / softcap) if softcap else raw
+            safe_target = target.masked_fill(~valid, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            # d(loss)/d(logits) = softmax - one_hot, zero on ignored rows, divided by the normaliser
+            grad_logits = torch.softmax(logits, dim=-1)
+            grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), safe_target] -= 1.0
+            grad_logits *= (valid.float() / normalizer).unsqueeze(1)
+            if softcap:
+                grad_logits *= 1.0 - torch.tanh(raw / softcap) ** 2
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output.to(torch.float32)
+        gh = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
+        gw = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
+        gb = None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype)
+        return gh, gw, gb, None, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_TOKENS,
+    normalizer: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Sum of token cross-entropies of `hidden @ weight.T` against `labels`, divided by `normalizer`.
+
+    `hidden` is [tokens, hidden] (already aligned with `labels`, i.e. shifted), `labels` uses -100 for
+    tokens without loss. `normalizer` defaults to the number of labelled tokens (a mean).
+    """
+    labels = labels.reshape(-1)
+    hidden = hidden.reshape(labels.shape[0], -1)
+    if normalizer is None:
+        normalizer = float(max(int((labels != IGNORE_INDEX).sum()), 1))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_size), float(normalizer), float(softcap or 0.0))
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the positions that predict them: labels[:, 1:] padded with -100 at the end."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _softcap(config) -> float | None:
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def supports_chunked_loss(model: nn.Module) -> bool:
+    """True when the model's logits are exactly `lm_head(last hidden state)` (optionally soft-capped)."""
+    config = model.config
+    if getattr(config, "logit_scale", None) not in (None, 1.0) or getattr(config, "logits_scaling", None) not in (None, 1.0):
+        return False
+    head = model.get_output_embeddings()
+    return isinstance(head, nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_TOKENS,
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """Next-token loss of a causal LM; chunked `lm_head` + cross-entropy when the model allows it.
+
+    Equals `model(input_ids, labels=labels).loss` (a mean over labelled tokens) when `normalizer` is None;
+    pass the token count of a whole accumulated batch as `normalizer` to sum micro-batches correctly.
+    """
+    targets = shift_labels(labels)
+    if normalizer is None:
+        normalizer = float(max(int((targets != IGNORE_INDEX).sum()), 1))
+    if not supports_chunked_loss(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return losses / normalizer
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    return chunked_cross_entropy(
+        hidden.flatten(0, 1),
+        head.weight,
+        targets.flatten(),
+        bias=head.bias,
+        chunk_size=chunk_size,
+        normalizer=normalizer,
+        softcap=_softcap(model.config),
+    )
