@@ -1,0 +1,233 @@
+"""Side-by-side training benchmark: qlora-lite vs transformers + peft + bitsandbytes.
+
+Same model config, random weights, data, seed, rank, alpha, targets, sequence length, micro-batch,
+gradient checkpointing and optimizer, run both ways in fresh processes that alternate (A B A B).
+Prints median tokens/s, peak memory (CUDA: max allocated / reserved; CPU: peak RSS of the training phase),
+the loss after the first step and after N steps, and the ratios qlora-lite / baseline.
+
+    python tools/bench.py --device cpu                      # small Llama-shaped model, seq 256
+    python tools/bench.py --device cuda --model llama-1b-128k --seq-len 2048 --micro-batch 1
+
+Not a test: benchmarks print ratios; they do not assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    # hidden, layers, intermediate, heads, kv heads, vocab
+    "llama-small": dict(hidden_size=512, layers=4, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000),
+    "llama-1b-128k": dict(hidden_size=2048, layers=16, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def make_model(root: Path, name: str, seq_len: int) -> Path:
+    """A Llama-shaped model with random weights, saved in bf16 safetensors."""
+    import torch
+
+    from qlora_lite.tiny import save_tiny_model
+
+    spec = dict(MODELS[name])
+    return save_tiny_model(
+        root / name, "llama", dtype=torch.bfloat16, with_tokenizer=False, max_position_embeddings=max(seq_len, 256),
+        tie_word_embeddings=False, **spec,
+    )
+
+
+def make_batches(steps: int, micro_batch: int, seq_len: int, vocab: int, seed: int):
+    """Learnable synthetic sequences: a random motif of 8-32 tokens repeated to fill each sequence."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        rows = []
+        for _ in range(micro_batch):
+            motif = torch.randint(3, vocab, (int(torch.randint(8, 33, (1,), generator=g)),), generator=g)
+            rows.append(motif.repeat(seq_len // motif.numel() + 1)[:seq_len])
+        batches.append(torch.stack(rows))
+    return batches
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def build_qlora(model_dir: Path, device, args):
+    from qlora_lite import apply_lora, load_quantized
+    from qlora_lite.loss import causal_lm_loss
+    from qlora_lite.optim import AdapterOptimizer
+
+    model, _ = load_quantized(model_dir, bits=4, quant_type="nf4", double_quant=True, device=device, load_tokenizer=False)
+    apply_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", seed=args.seed)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = AdapterOptimizer(model.parameters(), args.optimizer, lr=args.lr)
+
+    def loss_fn(ids):
+        return causal_lm_loss(model, ids, ids)
+
+    return model, optimizer, loss_fn
+
+
+def build_baseline(model_dir: Path, device, args):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device})
+    for module in model.modules():  # same CPU kernel as qlora-lite (no AVX512 repack at eval)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=args.lr)
+    else:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if args.optimizer == "paged_adamw_8bit" and device.type == "cuda" else bnb.optim.AdamW8bit
+        optimizer = cls(params, lr=args.lr)
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, optimizer, loss_fn
+
+
+def child(args) -> dict:
+    """One side, in this fresh process: build, train `steps` steps, report speed, memory and losses."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    build = build_qlora if args.side == "qlora" else build_baseline
+    _, optimizer, loss_fn = build(Path(args.model_dir), device, args)
+    batches = [b.to(device) for b in make_batches(args.steps, args.micro_batch, args.seq_len, MODELS[args.model]["vocab_size"], args.seed)]
+    load_peak = peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    losses, times = [], []
+    for ids in batches:
+        start = time.perf_counter()
+        with autocast:
+            loss = loss_fn(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())  # .item() synchronises, so the step time is complete
+        times.append(time.perf_counter() - start)
+    timed = times[args.warmup:] or times
+    result = {
+        "side": args.side,
+        "tokens_per_s": args.micro_batch * args.seq_len / statistics.median(timed),
+        "losses": losses,
+        "load_peak_rss": load_peak,
+        "train_peak_rss": peak_rss(),
+    }
+    if device.type == "cuda":
+        result["max_allocated"] = torch.cuda.max_memory_allocated()
+        result["max_reserved"] = torch.cuda.max_memory_reserved()
+    return result
+
+
+def run_side(side: str, model_dir: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir)]
+    for key in ("device", "model", "seq_len", "micro_batch", "steps", "warmup", "rank", "alpha", "lr", "optimizer", "seed"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict], args) -> None:
+    """Print medians per side and the qlora-lite / baseline ratios."""
+    gib = 2**30
+    by_side = {side: [r for r in runs if r["side"] == side] for side in ("qlora", "baseline")}
+
+    def med(side, key):
+        return statistics.median(r[key] for r in by_side[side])
+
+    keys = [("tokens_per_s", "tokens/s", 1)]
+    if args.device == "cuda":
+        keys += [("max_allocated", "peak allocated GiB", gib), ("max_reserved", "peak reserved GiB", gib)]
+    keys += [("train_peak_rss", "peak RSS (train) GiB", gib), ("load_peak_rss", "peak RSS (load) GiB", gib)]
+    print(f"device={args.device} model={args.model} seq={args.seq_len} micro_batch={args.micro_batch} steps={args.steps} "
+          f"rank={args.rank} optimizer={args.optimizer} repeats={args.repeats}")
+    print(f"{'metric':<24}{'qlora-lite':>14}{'baseline':>14}{'ratio':>10}")
+    for key, label, scale in keys:
+        a, b = med("qlora", key), med("baseline", key)
+        print(f"{label:<24}{a / scale:>14.3f}{b / scale:>14.3f}{a / b:>10.3f}")
+    for step_index, label in ((0, "loss after step 1"), (-1, f"loss after step {args.steps}")):
+        a = statistics.median(r["losses"][step_index] for r in by_side["qlora"])
+        b = statistics.median(r["losses"][step_index] for r in by_side["baseline"])
+        print(f"{label:<24}{a:>14.4f}{b:>14.4f}{a / b:>10.4f}")
+    first_rel = abs(by_side["qlora"][0]["losses"][0] - by_side["baseline"][0]["losses"][0]) / by_side["baseline"][0]["losses"][0]
+    print(f"first-step loss relative difference: {first_rel:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, choices=sorted(MODELS))
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--optimizer", default="adamw_8bit", choices=["paged_adamw_8bit", "adamw_8bit", "adamw"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = args.model or ("llama-1b-128k" if args.device == "cuda" else "llama-small")
+    args.seq_len = args.seq_len or (2048 if args.device == "cuda" else 256)
+    if args.child:
+        args.side = args.child
+        print(json.dumps(child(args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(Path(tmp), args.model, args.seq_len)
+        runs = []
+        for _ in range(args.repeats):
+            for side in ("qlora", "baseline"):
+                runs.append(run_side(side, model_dir, args))
+                print(f"  {side:<9} {runs[-1]['tokens_per_s']:.1f} tokens/s, losses {runs[-1]['losses'][0]:.4f} -> {runs[-1]['losses'][-1]:.4f}",
+                      file=sys.stderr)
+    summarize(runs, args)
+
+
+if __name__ == "__main__":
+    main()
