@@ -31,3 +31,7 @@ class ExportError(QloraLiteError):
 
 class TrainingError(QloraLiteError):
     """Training stopped on a condition the user must look at (NaN loss, out of memory)."""
+
+
+class LockedError(QloraLiteError):
+    """Another process is writing the same output directory."""

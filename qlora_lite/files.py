@@ -212,3 +212,53 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory, held by an open file with `fcntl.flock`.
+
+    The kernel drops the lock when the holding process exits, however it exits, so a crashed run never
+    leaves it stuck; the file keeps the holder's pid for the error message.
+    """
+
+    def __init__(self, directory: str | Path, purpose: str = "run"):
+        self.directory = Path(directory)
+        self.path = self.directory / ".qlora-lite.lock"
+        self.purpose = purpose
+        self._file = None
+
+    def acquire(self) -> "DirectoryLock":
+        """Take the lock or raise `LockedError` naming the process that holds it."""
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            from .errors import LockedError
+
+            raise LockedError(
+                f"{self.directory} is in use by {holder}; wait for it to finish or choose another output directory."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({self.purpose})")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; an unlocked file means nobody holds it)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
