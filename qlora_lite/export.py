@@ -27,7 +27,7 @@ from torch import nn
 
 from . import quant
 from .config import QuantConfig
-from .errors import AdapterError, ExportError
+from .errors import AdapterError, ConfigError, ExportError
 from .files import SafetensorsFile, atomic_dir, atomic_file, save_safetensors_atomic, weight_files, write_json_atomic
 from .lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
 
@@ -185,6 +185,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     if getattr(model, "qlora_lora", None) is None:
+        if config.get("rank_pattern"):
+            raise AdapterError(
+                f"the adapter in {adapter_dir} gives layers their own ranks (rank_pattern), which load_adapter does not support; "
+                "merge it with export_merged instead."
+            )
         targets = config["target_modules"]
         apply_lora(
             model,
@@ -248,7 +253,7 @@ def adapter_quant_settings(config: dict) -> tuple[QuantConfig, bool]:
     settings = QuantConfig(**{k: record[k] for k in keys if k in record})
     try:
         settings.validate()
-    except Exception as exc:  # ConfigError names a quant.* field; restate it as an adapter problem
+    except ConfigError as exc:  # names a quant.* field; restate it as an adapter problem
         raise AdapterError(f"{ADAPTER_CONFIG} records invalid quantization settings ({exc}); re-save the adapter.") from None
     return settings, True
 
@@ -387,6 +392,9 @@ def _lora_index(adapter: SafetensorsFile, config: dict) -> dict[str, _Lora]:
         if set(pair) != {"lora_A", "lora_B"}:
             missing = "lora_B" if "lora_A" in pair else "lora_A"
             raise AdapterError(f"the adapter has no {module}.{missing}.weight for its other half; re-save the adapter.")
+        for key in pair.values():
+            if len(adapter.shape(key)) != 2:
+                raise AdapterError(f"adapter tensor {key!r} has shape {list(adapter.shape(key))}, not a matrix; re-save the adapter.")
         r = adapter.shape(pair["lora_A"])[0]
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         index[module] = _Lora(pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora", False))))

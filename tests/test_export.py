@@ -103,7 +103,8 @@ def reference_merge(layer, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_weights_equal_dequantized_plus_delta(trained, tmp_path, arch):
     base, adapter, model = trained(arch)
-    out = export_merged(base, adapter, tmp_path / "merged", max_shard_size=SHARD)
+    # quantized on the CPU like the reference model, also on machines with a GPU
+    out = export_merged(base, adapter, tmp_path / "merged", max_shard_size=SHARD, device="cpu")
     merged, original = stored_tensors(out), stored_tensors(base)
     assert set(merged) == set(original)  # the checkpoint's own key names, nothing added or lost
     layers = lora_layers(model)
@@ -129,6 +130,23 @@ def test_merged_model_logits_match_quantized_base_plus_adapter(trained, tmp_path
     assert check.dtype == dtype
     assert check.max_rel < VERIFY_TOLERANCE, check
     assert check.mean_rel <= check.max_rel
+
+
+def test_quantized_layers_without_lora_are_written_dequantized(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("llama", max_shard_size=SHARD)
+    model, _ = load_quantized(base, device="cpu")  # every linear quantized, as in training
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0)
+    randomize_adapter(model)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    merged = stored_tensors(export_merged(base, adapter, tmp_path / "merged", device="cpu"))
+    layers = lora_layers(model)
+    for name in model.qlora_targets:
+        if name in layers:
+            expected = reference_merge(layers[name], torch.float16)
+        else:  # no adapter, but trained against the quantized weight: that is what the merged model gets
+            expected = dequantize_module(model.get_submodule(name)).to(torch.float16)
+        torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=FP16_ULP, atol=1e-7)
+    assert verify_merged(tmp_path / "merged", base, adapter).max_rel < VERIFY_TOLERANCE
 
 
 def test_8bit_merged_model_logits_match(trained, tmp_path):
