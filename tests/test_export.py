@@ -353,8 +353,9 @@ def test_cli_errors_exit_2_with_one_line(trained, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- memory
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "measure_export_memory.py"
 MIB = 2**20
-# Allocator slack, the 32 MiB dtype-conversion buffer of the reader and the per-tensor quantization temporaries.
-FIXED_OVERHEAD = 48 * MIB
+# The reader's dtype-conversion buffer (at most one tensor, 4 MiB here), bitsandbytes' temporaries for one
+# 2^18-element quantization chunk (~5 MiB), one fp32 merge chunk and allocator slack. Measured: ~12 MiB in all.
+FIXED_OVERHEAD = 32 * MIB
 
 
 def load_tool():
@@ -377,5 +378,5 @@ def test_export_peak_rss_is_bounded(tmp_path):
     above = peak - baseline
     bound = tool.largest_file(out) + tool.largest_tensor_fp32(models["base"]) + FIXED_OVERHEAD
     assert above <= bound, f"peak {above / MIB:.0f} MiB above baseline > bound {bound / MIB:.0f} MiB"
-    # an export that held the merged model (or most of it) could not stay under this
-    assert above < 0.6 * output_bytes, f"peak {above / MIB:.0f} MiB vs output {output_bytes / MIB:.0f} MiB"
+    # an export that held the merged model, or even half of its shards, could not stay under this
+    assert above < 0.4 * output_bytes, f"peak {above / MIB:.0f} MiB vs output {output_bytes / MIB:.0f} MiB"
