@@ -52,7 +52,7 @@ def ours(tiny_model_dir, tmp_path_factory):
             base = tiny_model_dir(arch)
             model, _ = load_quantized(base, device="cpu")
             apply_lora(model, r=8, alpha=16, seed=0)
-            randomize_adapter(model, scale=0.2)
+            randomize_adapter(model, scale=0.05)  # moves the logits by ~85%
             cache[arch] = (base, save_adapter(model, tmp_path_factory.mktemp(f"ours-{arch}") / "adapter"), model)
         return cache[arch]
 
@@ -87,10 +87,14 @@ def test_peft_loads_our_adapter_and_matches_our_logits(ours, arch):
         warnings.simplefilter("always")
         reference = no_repack(PeftModel.from_pretrained(transformers_4bit(base), adapter))
     expected = logits(reference, ids)
-    assert rel_err(logits(model, ids), expected) < TOLERANCE
+    ours = logits(model, ids)
+    assert rel_err(ours, expected) < TOLERANCE
     # the adapter changes the output well beyond that tolerance, so the match is not trivial
     with reference.disable_adapter():
         assert rel_err(logits(reference, ids), expected) > 5 * TOLERANCE
+    # the residual is peft's fp32 upcast of the adapter: kept in bf16 like ours, peft computes the same numbers
+    same_dtype = no_repack(PeftModel.from_pretrained(transformers_4bit(base), adapter, autocast_adapter_dtype=False))
+    assert rel_err(ours, logits(same_dtype, ids)) < 1e-6
 
 
 def test_peft_reads_our_adapter_config(ours):
@@ -112,7 +116,8 @@ def test_we_load_a_peft_adapter_and_match_peft_logits(peft_saved, arch):
     load_adapter(model, adapter)
     assert len(lora_layers(model)) == (8 if arch == "gpt2" else 14)
     expected = logits(peft_model, ids)
-    assert rel_err(logits(model, ids), expected) < TOLERANCE
+    # peft's adapter is fp32; load_adapter keeps it fp32, so both compute the same numbers
+    assert rel_err(logits(model, ids), expected) < 1e-6
     with peft_model.disable_adapter():
         assert rel_err(logits(peft_model, ids), expected) > 5 * TOLERANCE
 
