@@ -62,10 +62,12 @@ class RunSettings:
     seq_len: int = 1024
     batch_size: int = 1
     gradient_checkpointing: bool = True
+    grad_accum: int = 4  # micro-batches per optimizer step: > 1 keeps fp32 gradients across forwards
     optimizer: str = "paged_adamw_8bit"
     chunked_loss: bool = False
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK
     attn_implementation: str | None = None  # None: what transformers picks for the config (sdpa, or eager)
+    padding: bool = False  # micro-batches hold padding: a [b, 1, s, s] mask, so SDPA cannot use its flash kernel
     device: str = "cuda"  # "cuda" or "cpu": which kernels' temporaries, allocator and context apply
     cuda_context_bytes: int = CUDA_CONTEXT
 
@@ -77,7 +79,7 @@ class RunSettings:
             raise ConfigError(f"quant_type is {self.quant_type!r}; use 'nf4' or 'fp4'.")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"blocksize is {self.blocksize}; use a power of two from 64 to 4096.")
-        for name in ("rank", "seq_len", "batch_size", "loss_chunk_tokens"):
+        for name in ("rank", "seq_len", "batch_size", "loss_chunk_tokens", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} is {value!r}; it must be a positive whole number.")
@@ -265,6 +267,7 @@ class Inventory:
     buffer_bytes: int
     linears: dict[str, LinearInfo]
     skeleton: Any = field(repr=False)
+    target_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def total_params(self) -> int:
@@ -275,7 +278,10 @@ class Inventory:
         """The targeted linear layers (peft's rules, via `targets.resolve_targets` on the skeleton)."""
         from .targets import resolve_targets
 
-        return [self.linears[path] for path in resolve_targets(self.skeleton, spec)]
+        key = spec if isinstance(spec, str) else tuple(spec)
+        if key not in self.target_cache:
+            self.target_cache[key] = [self.linears[path] for path in resolve_targets(self.skeleton, spec)]
+        return self.target_cache[key]
 
 
 def _role(path: str) -> str:
@@ -444,8 +450,9 @@ def _attention_mode(inv: Inventory, s: RunSettings) -> str:
 
 
 def _sdpa_masked(inv: Inventory, s: RunSettings) -> bool:
-    # transformers passes no mask to SDPA (is_causal) unless a sliding window is shorter than the sequence.
-    return inv.sliding_window is not None and s.seq_len > inv.sliding_window
+    # transformers passes no mask to SDPA (is_causal) unless the batch is padded or a sliding window is shorter
+    # than the sequence; with a mask SDPA runs the memory-efficient kernel, with K/V repeated to every head
+    return s.padding or (inv.sliding_window is not None and s.seq_len > inv.sliding_window)
 
 
 def _lora_saved(inv: Inventory, layer_targets: list[LinearInfo], s: RunSettings, mode: str) -> int:
@@ -667,6 +674,7 @@ COMPONENT_LABELS = {
     "buffers": "buffers",
     "lora_adapters": "LoRA adapters (bf16)",
     "lora_gradients": "LoRA gradients (bf16)",
+    "gradient_accumulation": "fp32 gradients (accumulation)",
     "optimizer_state": "optimizer state",
     "workspaces": "cuBLAS workspaces",
     "activations": "stored activations",
@@ -701,6 +709,10 @@ class MemoryReport:
     details: dict[str, Any]
     notes: list[str]
 
+    def size(self, name: str) -> int:
+        """Bytes of a component, at the peak or (if not alive then) at its own phase's worst; 0 if absent."""
+        return self.components.get(name, self.other_phases.get(name, 0))
+
     def fits(self, budget_bytes: int) -> bool:
         """True when the predicted total fits in `budget_bytes` of GPU memory."""
         return self.total <= budget_bytes
@@ -724,7 +736,6 @@ def _persistent(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> tu
         "unquantized_weights": unquantized_weight_bytes(inv, targets),
         "buffers": inv.buffer_bytes,
         "lora_adapters": BF16 * sum(numels),
-        "lora_gradients": BF16 * sum(numels),  # .grad of each bf16 adapter tensor, same shape and dtype
         "optimizer_state": optimizer,
     }
     if s.device == "cuda":
@@ -746,18 +757,22 @@ def _phases(inv: Inventory, targets: list[LinearInfo], s: RunSettings, persisten
     loss_peak, _, _ = loss_bytes(inv, s)
     ws = working_sets(inv, targets, acts, s)
     numel = sum(adapter_numels(targets, s.rank))
-    step_temp = FP32 * numel  # AdapterOptimizer.step: p.grad.float() for every adapter tensor at once
-    if s.optimizer_in_use == "adamw" and s.device == "cuda":
-        step_temp += FP32 * numel  # torch's foreach AdamW: _foreach_sqrt(exp_avg_sq) list
+    bf16_grads = BF16 * numel  # .grad of each bf16 adapter tensor, alive from backward to accumulate_grads
+    fp32_grads = FP32 * numel  # AdapterOptimizer.accumulate_grads: fp32 .grad on the masters until the step
+    accumulated = fp32_grads if s.grad_accum > 1 else 0  # micro-batches after the first run with them alive
+    step_temp = FP32 * numel if s.optimizer_in_use == "adamw" and s.device == "cuda" else 0  # foreach AdamW's sqrt list
     stored = acts.stored_layers + acts.misc
-    return {
-        "forward": {**persistent, "activations": stored + (0 if s.gradient_checkpointing else acts.masks),
+    phases = {
+        "forward": {**persistent, "gradient_accumulation": accumulated,
+                    "activations": stored + (0 if s.gradient_checkpointing else acts.masks),
                     "layer_working_set": ws["forward"][0], "dequant_temporaries": ws["forward"][1]},
-        "loss": {**persistent, "activations": stored + acts.final_norm, "logits_and_loss": loss_peak},
-        "backward": {**persistent, "activations": stored, "layer_working_set": ws["backward"][0],
-                     "dequant_temporaries": ws["backward"][1]},
-        "optimizer": {**persistent, "optimizer_step": step_temp},
+        "loss": {**persistent, "gradient_accumulation": accumulated, "activations": stored + acts.final_norm,
+                 "logits_and_loss": loss_peak},
+        "backward": {**persistent, "lora_gradients": bf16_grads, "gradient_accumulation": accumulated, "activations": stored,
+                     "layer_working_set": ws["backward"][0], "dequant_temporaries": ws["backward"][1]},
+        "optimizer": {**persistent, "gradient_accumulation": fp32_grads, "optimizer_step": step_temp},
     }
+    return {name: {k: v for k, v in parts.items() if v or k in persistent} for name, parts in phases.items()}
 
 
 def _reserve(inv: Inventory, targets: list[LinearInfo], s: RunSettings, phases: dict[str, dict[str, int]], persistent: int) -> tuple[int, str]:
@@ -831,6 +846,9 @@ def report_for(inv: Inventory, s: RunSettings) -> MemoryReport:
         "targeted_layers": len(targets),
         "adapter_parameters": sum(adapter_numels(targets, s.rank)),
         "attention": _attention_mode(inv, s),
+        "default_attention": "eager" if inv.attn_implementation == "eager" else "flash",
+        "layers": inv.layers,
+        "vocab_size": inv.vocab,
         "optimizer_in_use": s.optimizer_in_use,
         "tokens_per_micro_batch": s.tokens,
         "activation_bytes_per_token_per_layer": acts.full_layer.per_token,
@@ -862,3 +880,30 @@ def with_settings(report: MemoryReport, **changes: Any) -> RunSettings:
     settings = replace(report.settings, **changes)
     settings.validate()
     return settings
+
+
+def describe_components(report: MemoryReport) -> dict[str, str]:
+    """One line per component saying what is counted (for the command's table)."""
+    s, d = report.settings, report.details
+    quant = f"{s.quant_type.upper()}, absmax per {s.blocksize}" + (" + double-quant stats" if s.double_quant else "") if s.bits == 4 else "LLM.int8 codes + fp32 row scales"
+    ckpt = f"{d['checkpointed_bytes_per_token_per_layer']:,} B/token/layer kept (checkpointing)" if s.gradient_checkpointing else (
+        f"{d['activation_bytes_per_token_per_layer']:,} B/token/layer" + (f" + {d['activation_bytes_per_seq2_per_layer']} B/seq^2" if d["activation_bytes_per_seq2_per_layer"] else "")
+    )
+    loss_tokens = min(s.loss_chunk_tokens, s.tokens) if s.chunked_loss else s.tokens
+    return {
+        "quantized_weights": f"{d['targeted_layers']} layers, {s.bits}-bit {quant}",
+        "unquantized_weights": "embeddings, lm_head (tied once), norms, biases",
+        "buffers": "rotary tables and other buffers",
+        "lora_adapters": f"{d['adapter_parameters']:,} params, r={s.rank}",
+        "lora_gradients": "one bf16 .grad per adapter tensor (during backward)",
+        "gradient_accumulation": f"fp32 .grad on the masters ({s.grad_accum} micro-batches per step)",
+        "optimizer_state": f"{d['optimizer_in_use']}: fp32 masters + moments",
+        "workspaces": "2 cuBLAS handles x 32 MiB",
+        "activations": f"{d['layers']} layers x {ckpt}",
+        "layer_working_set": ("one layer recomputed + its gradients" if s.gradient_checkpointing else "one layer's gradients and temporaries"),
+        "logits_and_loss": f"3 x fp32 [{loss_tokens:,} x {d['vocab_size']:,}] in log_softmax backward",
+        "dequant_temporaries": "largest weight dequantized to bf16",
+        "optimizer_step": "torch AdamW's foreach temporaries",
+        "allocator_reserve": "freed blocks the peak cannot reuse + 3% slack",
+        "cuda_context": "CUDA context and kernels (outside torch)",
+    }

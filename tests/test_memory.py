@@ -1,0 +1,305 @@
+"""The memory model: exact byte counts against real tensors, stored activations against a CPU allocation
+tracker, presets, the `qlora-lite memory` command and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_lite.cli import main
+from qlora_lite.errors import ConfigError, QloraLiteError
+from qlora_lite.loader import load_quantized
+from qlora_lite.lora import apply_lora
+from qlora_lite.memory import GiB, build_inventory, estimate_memory, preset_names
+from qlora_lite.memory_advice import advise, parse_budget
+from qlora_lite.memory_probe import AllocationTracker
+from qlora_lite.optim import AdapterOptimizer
+from qlora_lite.quant import is_quantized_linear, module_weight_bytes, weight_bytes_4bit
+
+# hidden 256 with r = 16 gives lora_A tensors of 16 x 256 = 4096 elements: bitsandbytes' 8-bit state threshold
+BIG = dict(hidden_size=256, vocab_size=512)
+
+
+def unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared qmaps and tied weights once)."""
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def load(model_dir, bits=4, double_quant=True):
+    model, _ = load_quantized(model_dir, bits=bits, double_quant=double_quant, device="cpu", load_tokenizer=False)
+    return model
+
+
+def batch(model, batch_size=2, seq_len=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+
+
+# ------------------------------------------------------------------------------ exact components
+
+
+@pytest.mark.parametrize(
+    "arch,bits,double_quant",
+    [("llama", 4, True), ("llama", 4, False), ("llama", 8, True), ("qwen2", 4, True), ("phi3", 8, True), ("gemma2", 4, False)],
+)
+def test_weight_components_equal_the_loaded_tensors(tiny_model_dir, arch, bits, double_quant):
+    model_dir = tiny_model_dir(arch)
+    model = load(model_dir, bits, double_quant)
+    report = estimate_memory(model_dir, bits=bits, double_quant=double_quant, device="cpu")
+
+    quantized = [m for m in model.modules() if is_quantized_linear(m)]
+    quantized_weights = {id(m.weight) for m in quantized}
+    assert report.size("quantized_weights") == sum(module_weight_bytes(m) for m in quantized)
+    assert report.size("unquantized_weights") == unique_bytes(p for p in model.parameters() if id(p) not in quantized_weights)
+    assert report.size("buffers") == unique_bytes(model.buffers())
+    assert report.details["parameters"] == sum(p.numel() for p in build_inventory(model_dir).skeleton.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "adamw"])
+@pytest.mark.parametrize("big", [False, True], ids=["small-adapters", "8bit-state-adapters"])
+def test_adapter_gradient_and_optimizer_components_equal_the_real_tensors(tiny_model_dir, optimizer, big):
+    model_dir = tiny_model_dir("llama", **(BIG if big else {}))
+    rank = 16 if big else 4
+    model = load(model_dir)
+    apply_lora(model, r=rank, seed=0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = AdapterOptimizer(params, optimizer)
+    ids = batch(model)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    bf16_grads = unique_bytes(p.grad for p in params)
+    opt.accumulate_grads()  # what the trainer does after each micro-batch's backward
+    fp32_grads = unique_bytes(m.grad for m in opt.masters)
+    opt.step()
+
+    report = estimate_memory(model_dir, rank=rank, optimizer=optimizer, device="cpu")
+    state = opt.state_tensors()
+    assert report.size("lora_adapters") == unique_bytes(params)
+    assert report.size("lora_gradients") == bf16_grads
+    assert report.size("gradient_accumulation") == fp32_grads
+    assert report.size("optimizer_state") == unique_bytes(state)
+    uses_8bit_state = any(t.dtype == torch.uint8 for t in state)
+    assert uses_8bit_state == (big and optimizer != "adamw")
+
+
+def test_paged_state_is_reported_for_large_adapters_on_cuda_only():
+    cuda = estimate_memory("llama-3.1-8b", optimizer="paged_adamw_8bit")
+    cpu = estimate_memory("llama-3.1-8b", optimizer="paged_adamw_8bit", device="cpu")
+    # lora_B of gate/up/down-sized layers has 14336 x 16 >= 1e5 elements: bitsandbytes pages those states
+    assert cuda.paged_bytes > 0 and cpu.paged_bytes == 0
+    assert cuda.size("optimizer_state") == cpu.size("optimizer_state")
+
+
+# --------------------------------------------------------------------------- activations (CPU)
+
+
+def stored_after_forward(model_dir, bits, checkpointing, batch_size=2, seq_len=16):
+    model = load(model_dir, bits)
+    apply_lora(model, r=4, seed=0)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = batch(model, batch_size, seq_len)
+    with AllocationTracker() as tracker:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        stored = tracker.current
+        loss.backward()
+    return stored
+
+
+@pytest.mark.parametrize(
+    "arch,bits,checkpointing",
+    [
+        ("llama", 4, False),
+        ("llama", 4, True),
+        ("llama", 8, True),
+        ("qwen2", 8, False),
+        ("phi3", 4, False),
+        ("gemma2", 4, False),
+        ("gemma2", 8, True),
+    ],
+)
+def test_stored_activations_equal_what_autograd_keeps(tiny_model_dir, arch, bits, checkpointing):
+    overrides = {"head_dim": 16} if arch == "gemma2" else {}
+    model_dir = tiny_model_dir(arch, **overrides)
+    measured = stored_after_forward(model_dir, bits, checkpointing)
+    report = estimate_memory(
+        model_dir, bits=bits, rank=4, seq_len=16, batch_size=2, gradient_checkpointing=checkpointing, device="cpu"
+    )
+    assert report.details["stored_after_forward"] == measured
+
+
+def measured_peak(model_dir, bits, checkpointing, batch_size, seq_len, optimizer="adamw_8bit"):
+    """Peak live bytes over two optimizer steps of two micro-batches each (what the estimate describes)."""
+    model = load(model_dir, bits)
+    apply_lora(model, r=4, seed=0)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = AdapterOptimizer([p for p in model.parameters() if p.requires_grad], optimizer)
+    before = unique_bytes(list(model.parameters()) + list(model.buffers()) + opt.masters)
+    ids = batch(model, batch_size, seq_len)
+    with AllocationTracker() as tracker:
+        for _ in range(2):
+            for _ in range(2):
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                opt.accumulate_grads()
+            opt.step()
+            opt.zero_grad()
+    return before + tracker.peak
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_predicted_peak_matches_the_cpu_allocation_peak(tiny_model_dir, checkpointing):
+    model_dir = tiny_model_dir("llama", hidden_size=256, vocab_size=1024)
+    measured = measured_peak(model_dir, 4, checkpointing, batch_size=2, seq_len=32)
+    report = estimate_memory(
+        model_dir, bits=4, rank=4, seq_len=32, batch_size=2, gradient_checkpointing=checkpointing,
+        optimizer="adamw_8bit", grad_accum=2, device="cpu",
+    )
+    assert abs(report.allocated_peak / measured - 1) < 0.05, (report.allocated_peak, measured, report.peak_phase)
+
+
+# ------------------------------------------------------------------------------------- presets
+
+
+def test_llama_8b_weights_match_the_closed_form():
+    report = estimate_memory("llama-3.1-8b", seq_len=2048)
+    h, i, kv, layers, vocab = 4096, 14336, 1024, 32, 128256
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+    assert report.components["quantized_weights"] == layers * sum(weight_bytes_4bit(o, n) for o, n in shapes)
+    assert report.components["unquantized_weights"] == 2 * (2 * vocab * h + (2 * layers + 1) * h)  # untied
+    assert report.details["parameters"] == 8_030_261_248
+    assert report.details["adapter_parameters"] == layers * sum(16 * (o + n) for o, n in shapes)
+
+
+def test_tied_embeddings_are_counted_once():
+    report = estimate_memory("llama-3.2-1b")
+    assert report.components["unquantized_weights"] == 2 * (128256 * 2048 + (2 * 16 + 1) * 2048)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_gives_a_plausible_report(name):
+    report = estimate_memory(name, seq_len=512)
+    params = report.details["parameters"]
+    # the 4-bit base stores ~0.52 bytes per quantized parameter, the rest of the weights 2 bytes
+    assert report.size("quantized_weights") + report.size("unquantized_weights") > 0.5 * params
+    assert report.total < 6 * params + 2 * GiB
+    assert sum(report.components.values()) == report.total
+    assert all(v >= 0 for v in report.components.values())
+
+
+def test_presets_include_the_required_models():
+    required = {"llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b", "qwen2.5-0.5b", "qwen2.5-1.5b",
+                "qwen2.5-7b", "qwen2.5-14b", "gemma-2-2b", "gemma-2-9b", "phi-3-mini"}
+    assert required <= set(preset_names())
+
+
+def test_switches_move_the_total_the_right_way():
+    base = estimate_memory("llama-3.1-8b", seq_len=2048)
+    assert estimate_memory("llama-3.1-8b", seq_len=2048, gradient_checkpointing=False).total > base.total
+    assert estimate_memory("llama-3.1-8b", seq_len=2048, chunked_loss=True).total < base.total
+    assert estimate_memory("llama-3.1-8b", seq_len=2048, bits=8).total > base.total
+    assert estimate_memory("llama-3.1-8b", seq_len=2048, optimizer="adamw").total > base.total
+    assert estimate_memory("llama-3.1-8b", seq_len=4096).total > base.total
+    assert estimate_memory("llama-3.1-8b", seq_len=2048, batch_size=2).total > base.total
+    assert estimate_memory("llama-3.1-8b", seq_len=2048, attn_implementation="eager").total > base.total
+    # the trainer quantizes only the LoRA targets (load_quantized(target_modules=lora.target_modules)): the rest is bf16
+    narrow = estimate_memory("llama-3.1-8b", seq_len=2048, targets=["q_proj", "v_proj"])
+    assert narrow.size("quantized_weights") < base.size("quantized_weights")
+    assert narrow.size("unquantized_weights") > base.size("unquantized_weights")
+    assert narrow.size("lora_adapters") < base.size("lora_adapters")
+
+
+def test_all_config_forms_give_the_same_report(tiny_model_dir):
+    from transformers import AutoConfig
+
+    model_dir = tiny_model_dir("llama")
+    data = json.loads((model_dir / "config.json").read_text())
+    totals = {
+        estimate_memory(form, device="cpu").total
+        for form in (model_dir, str(model_dir / "config.json"), data, AutoConfig.from_pretrained(model_dir))
+    }
+    assert len(totals) == 1
+
+
+# -------------------------------------------------------------------------------- recommendations
+
+
+def test_largest_batch_and_longest_sequence_are_the_limits():
+    inventory = build_inventory("llama-3.1-8b")
+    budget = 16 * GiB
+    report = estimate_memory("llama-3.1-8b", seq_len=1024)
+    advice = advise(inventory, report, budget)
+    b, n = advice.max_batch_size, advice.max_seq_len
+    assert b >= 1 and n >= 1024
+    assert estimate_memory("llama-3.1-8b", seq_len=1024, batch_size=b).fits(budget)
+    assert not estimate_memory("llama-3.1-8b", seq_len=1024, batch_size=b + 1).fits(budget)
+    assert estimate_memory("llama-3.1-8b", seq_len=n).fits(budget)
+    assert not estimate_memory("llama-3.1-8b", seq_len=n + 1).fits(budget)
+    assert advice.best_switch is not None and advice.best_switch.saves == max(s.saves for s in advice.switches)
+
+
+def test_budget_parsing():
+    assert parse_budget("12GiB")[0] == 12 * GiB
+    assert parse_budget("24 GB")[0] == 24 * 10**9
+    assert parse_budget("rtx-3060-12gb")[0] == 12288 * 2**20
+    with pytest.raises(ConfigError, match="not a size or a known GPU"):
+        parse_budget("twelve")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_memory_command_json(capsys):
+    code = main(["memory", "llama-3.1-8b", "--seq-len", "2048", "--batch-size", "1", "--gpu-memory", "12GiB", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = estimate_memory("llama-3.1-8b", seq_len=2048, batch_size=1)
+    assert out["total"] == expected.total
+    assert out["components"] == expected.components
+    assert out["advice"]["fits"] == (expected.total <= 12 * GiB)
+    assert out["advice"]["max_batch_size"] >= 1
+    assert out["advice"]["best_switch"]["name"]
+
+
+def test_memory_command_table(capsys):
+    assert main(["memory", "qwen2.5-0.5b", "--bits", "8", "--no-checkpointing", "--gpu-memory", "t4-16gb"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized base weights" in out and "verdict" in out
+    assert "largest micro-batch" in out and "longest sequence" in out
+    assert "gradient checkpointing on" in out  # the biggest single saving here
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["no-such-model"], "known presets: gemma-2-2b"),
+        (["llama-3.2-1b", "--gpu-memory", "12 potatoes"], "not a size or a known GPU"),
+        (["llama-3.2-1b", "--rank", "0"], "rank is 0"),
+        (["llama-3.2-1b", "--seq-len", "0"], "seq_len is 0"),
+        (["llama-3.2-1b", "--batch-size", "0"], "batch_size is 0"),
+        (["llama-3.2-1b", "--bits", "5"], "bits is 5"),
+        (["llama-3.2-1b", "--optimizer", "sgd"], "optimizer 'sgd' is not supported"),
+        (["llama-3.2-1b", "--targets", "foo_proj"], "'foo_proj' is not a linear layer"),
+        (["llama-3.2-1b", "--rank", "100000"], "larger than the smaller side"),
+    ],
+)
+def test_memory_command_bad_input_exits_2(capsys, args, message):
+    assert main(["memory", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split())
+    assert "Traceback" not in err
+
+
+def test_errors_are_qlora_lite_errors():
+    with pytest.raises(QloraLiteError):
+        estimate_memory("llama-3.2-1b", rank=-1)
+    with pytest.raises(ConfigError, match="unknown memory setting 'bogus'"):
+        estimate_memory("llama-3.2-1b", bogus=1)
