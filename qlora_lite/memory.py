@@ -39,7 +39,6 @@ FP32 = 4  # bytes per fp32 element
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes Optimizer2State(min_8bit_size=4096): smaller tensors keep fp32 state
 BNB_STATE_BLOCK = 256  # bitsandbytes 8-bit optimizers quantize state1/state2 blockwise, 256 values per fp32 absmax
 BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer pages only tensors with numel >= 1e5
-BNB_4BIT_CUSTOM_MAX_TOKENS = 1536  # bitsandbytes gemm_4bit on CUDA dequantizes + F.linear above M = 1536 rows
 CUBLAS_WORKSPACE = 32 * MiB  # torch's default cuBLAS workspace on sm90 (CUBLAS_WORKSPACE_CONFIG=:4096:8), per handle
 CUDA_CONTEXT = 500 * MiB  # CUDA 12 context + kernels loaded lazily; typically 300-600 MiB, outside torch's allocator
 ALLOCATOR_SLACK = 0.03  # caching-allocator rounding/splitting on top of the phase model (uncalibrated guess, see docs)
@@ -567,9 +566,11 @@ def attention_mask_bytes(inv: Inventory, s: RunSettings) -> int:
 def loss_bytes(inv: Inventory, s: RunSettings) -> tuple[int, int, int]:
     """(peak bytes of the loss, bytes it keeps after the forward, cached-but-unusable bytes) for the micro-batch.
 
-    transformers' ForCausalLMLoss upcasts the bf16 logits to fp32 and calls cross_entropy = log_softmax +
-    nll_loss; the peak is in log_softmax's backward: fp32 grad in + saved fp32 log-probs + fp32 grad out
-    (3 x 4 bytes per logit), the bf16 logits being freed once the caller keeps only `.loss`.
+    transformers' ForCausalLMLoss and qlora_lite.train (fp32 cross-entropy on `.logits`) both upcast the bf16
+    logits to fp32 and call cross_entropy = log_softmax + nll_loss; the peak is in log_softmax's backward:
+    fp32 grad in + saved fp32 log-probs + fp32 grad out (3 x 4 bytes per logit), the bf16 logits being
+    freed before backward (the caller keeps only the loss). The trainer drops the last position (s - 1
+    logits per sequence); counting s is conservative by one token.
     """
     tokens = min(s.loss_chunk_tokens, s.tokens) if s.chunked_loss else s.tokens
     logits = tokens * inv.vocab
@@ -796,8 +797,11 @@ def _notes(inv: Inventory, s: RunSettings, paged: int) -> list[str]:
         notes.append(f"{paged / GiB:.2f} GiB of optimizer state is paged (unified memory): counted, but it can move to CPU RAM under pressure")
     if s.bits == 8 and s.gradient_checkpointing:
         notes.append("8-bit layers keep their inputs for backward outside checkpointing (bitsandbytes MatMul8bitLt ctx.tensors)")
-    if _sdpa_masked(inv, s):
-        notes.append(f"sequences longer than the sliding window ({inv.sliding_window}) need a masked attention kernel (counted)")
+    if s.targets != "all-linear":
+        notes.append("linear layers outside the LoRA targets stay bf16: the trainer quantizes only lora.target_modules")
+    if _sdpa_masked(inv, s) and _attention_mode(inv, s) == "flash":
+        why = "padded micro-batches" if s.padding else f"sequences longer than the sliding window ({inv.sliding_window})"
+        notes.append(f"{why} need an attention mask: SDPA's memory-efficient kernel with K/V repeated (counted)")
     return notes
 
 
