@@ -13,7 +13,10 @@ A training step goes through four phases; the peak is the largest of them:
   forward      persistent + stored activations so far + one layer's forward temporaries
   loss         persistent + stored activations + the logits / log-softmax tensors of the loss
   backward     persistent + stored activations + one layer recomputed (with checkpointing) + its gradients
-  optimizer    persistent + the fp32 gradient copies of the adapter optimizer
+               + the adapters' bf16 gradients
+  optimizer    persistent + the fp32 accumulated gradients + optimizer temporaries
+Persistent: weights, buffers, adapters, optimizer state, and (with grad_accum > 1) the fp32 gradients that
+`AdapterOptimizer.accumulate_grads` keeps between micro-batches.
 CUDA adds the caching allocator's reserve (blocks freed by one phase that the next cannot reuse), cuBLAS
 workspaces, and the CUDA context (outside torch's allocator).
 """
@@ -797,6 +800,8 @@ def _notes(inv: Inventory, s: RunSettings, paged: int) -> list[str]:
         notes.append(f"{paged / GiB:.2f} GiB of optimizer state is paged (unified memory): counted, but it can move to CPU RAM under pressure")
     if s.bits == 8 and s.gradient_checkpointing:
         notes.append("8-bit layers keep their inputs for backward outside checkpointing (bitsandbytes MatMul8bitLt ctx.tensors)")
+    if inv.max_positions and s.seq_len > inv.max_positions:
+        notes.append(f"seq_len {s.seq_len} is longer than the model's context ({inv.max_positions} positions); training would refuse it")
     if s.targets != "all-linear":
         notes.append("linear layers outside the LoRA targets stay bf16: the trainer quantizes only lora.target_modules")
     if _sdpa_masked(inv, s) and _attention_mode(inv, s) == "flash":
@@ -826,14 +831,13 @@ def report_for(inv: Inventory, s: RunSettings) -> MemoryReport:
     phases = _phases(inv, targets, s, persistent)
     totals = {name: sum(parts.values()) for name, parts in phases.items()}
     peak_phase = max(totals, key=totals.get)
-    allocated = totals[peak_phase]
+    allocated = totals[peak_phase]  # what torch.cuda.max_memory_allocated would show
     components = dict(phases[peak_phase])
     if s.device == "cuda":
-        reserved, reserved_phase = _reserve(inv, targets, s, phases, sum(persistent.values()))
-        if reserved_phase != peak_phase:
-            peak_phase, components = reserved_phase, dict(phases[reserved_phase])
-            allocated = totals[reserved_phase]
-        components["allocator_reserve"] = reserved - allocated
+        # the table shows the phase where the reserve peaks (usually the same one), plus the reserve on top of it
+        reserved, peak_phase = _reserve(inv, targets, s, phases, sum(persistent.values()))
+        components = dict(phases[peak_phase])
+        components["allocator_reserve"] = reserved - totals[peak_phase]
         components["cuda_context"] = s.cuda_context_bytes
     else:
         reserved = allocated
@@ -890,9 +894,11 @@ def describe_components(report: MemoryReport) -> dict[str, str]:
     """One line per component saying what is counted (for the command's table)."""
     s, d = report.settings, report.details
     quant = f"{s.quant_type.upper()}, absmax per {s.blocksize}" + (" + double-quant stats" if s.double_quant else "") if s.bits == 4 else "LLM.int8 codes + fp32 row scales"
-    ckpt = f"{d['checkpointed_bytes_per_token_per_layer']:,} B/token/layer kept (checkpointing)" if s.gradient_checkpointing else (
-        f"{d['activation_bytes_per_token_per_layer']:,} B/token/layer" + (f" + {d['activation_bytes_per_seq2_per_layer']} B/seq^2" if d["activation_bytes_per_seq2_per_layer"] else "")
+    full = f"{d['activation_bytes_per_token_per_layer']:,} B/token" + (
+        f" + {d['activation_bytes_per_seq2_per_layer']} B/seq^2" if d["activation_bytes_per_seq2_per_layer"] else ""
     )
+    kept = f"{d['checkpointed_bytes_per_token_per_layer']:,} B/token"
+    ckpt = f"{kept} (checkpointing; {full} without)" if s.gradient_checkpointing else f"{full} ({kept} with checkpointing)"
     loss_tokens = min(s.loss_chunk_tokens, s.tokens) if s.chunked_loss else s.tokens
     return {
         "quantized_weights": f"{d['targeted_layers']} layers, {s.bits}-bit {quant}",

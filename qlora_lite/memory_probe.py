@@ -20,15 +20,30 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+_ALIASED: dict = {}
+
+
+def _aliased_returns(func) -> frozenset[int]:
+    """Indices of the op's returns that alias an input (views, in-place results), from its schema; cached."""
+    if func not in _ALIASED:
+        _ALIASED[func] = frozenset(i for i, r in enumerate(func._schema.returns) if r.alias_info is not None)
+    return _ALIASED[func]
+
+
 def _fresh_outputs(func, out) -> list[torch.Tensor]:
     """The output tensors of `func` that do not alias one of its inputs, per the op schema."""
+    aliased = _aliased_returns(func)
+    if isinstance(out, torch.Tensor):
+        return [] if 0 in aliased else [out]
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    returns = func._schema.returns
     fresh: list[torch.Tensor] = []
     for i, item in enumerate(outs):
-        if i < len(returns) and returns[i].alias_info is not None:
-            continue  # a view or an in-place result: no new storage
-        fresh.extend(t for t in tree_flatten(item)[0] if isinstance(t, torch.Tensor))
+        if i in aliased:
+            continue
+        if isinstance(item, torch.Tensor):
+            fresh.append(item)
+        elif isinstance(item, (tuple, list)):
+            fresh.extend(t for t in tree_flatten(item)[0] if isinstance(t, torch.Tensor))
     return fresh
 
 

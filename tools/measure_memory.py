@@ -66,7 +66,7 @@ def write_random_model(preset: str, out_dir: Path, device: str) -> Path:
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="2GB")
     del model
     gc.collect()
