@@ -57,7 +57,19 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    raise QloraLiteError("`qlora-lite train` is not available in this build yet.")
+    from .config import load_config
+    from .progress import RichReporter, summary_table
+    from .train import train
+
+    config = load_config(args.config, overrides)
+    console = _console()
+    reporter = RichReporter(console, title="train")
+    try:
+        result = train(config, resume=args.resume, reporter=reporter)
+    finally:
+        reporter.close()
+    console.print(summary_table(result))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -212,38 +224,67 @@ def _cmd_memory(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 # ------------------------------------------------------------------------------------------ demo
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="offline quick start: tiny model, 4-bit QLoRA, a few steps")
-    p.add_argument("--out", default="runs/demo", help="where the demo writes its model and run")
+    p = sub.add_parser(
+        "demo",
+        help="offline quick start: a tiny model learns a task with 4-bit QLoRA (about a minute on 2 CPU cores)",
+        description="Pre-train a tiny model to copy words, then teach it a Caesar shift with 4-bit QLoRA; "
+        "shows eval loss, accuracy and generations before and after. Runs offline.",
+    )
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its base model, data, run and merged model")
+    p.add_argument("--steps", type=int, default=80, help="QLoRA training steps")
     p.set_defaults(handler=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    import tempfile
-    from pathlib import Path
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
 
-    import torch
-
-    from .loader import load_quantized
-    from .lora import apply_lora, trainable_summary
-    from .tiny import save_tiny_model
+    from .demo import run_demo
+    from .progress import RichReporter, summary_table
 
     console = _console()
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_tiny_model(Path(tmp) / "tiny-llama", "llama")
-        model, tokenizer = load_quantized(model_dir, bits=4, device="cpu")
-        apply_lora(model, r=8, alpha=16, seed=0)
-        console.print(trainable_summary(model))
-        ids = tokenizer(["qlora-lite runs offline"], return_tensors="pt").input_ids
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model.train()
-        losses = []
-        for _ in range(2):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        console.print(f"one 4-bit QLoRA step: loss {losses[0]:.4f} -> {losses[1]:.4f}")
+    pretrain_bar = Progress(TextColumn("[bold blue]pre-train"), BarColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+                            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console)
+    task = None
+
+    def pretrain_progress(step: int, total: int, loss: float) -> None:
+        nonlocal task
+        if task is None:
+            pretrain_bar.start()
+            task = pretrain_bar.add_task("pre-train", total=total, loss="-")
+        pretrain_bar.update(task, completed=step, loss=f"{loss:.4f}")
+        if step == total:
+            pretrain_bar.stop()
+
+    reporter = RichReporter(console, title="QLoRA")
+    try:
+        demo = run_demo(args.out, reporter=reporter, on_stage=lambda msg: console.print(f"[bold]>[/] {msg}"),
+                        pretrain_progress=pretrain_progress, train_steps=args.steps)
+    finally:
+        pretrain_bar.stop()
+        reporter.close()
+    console.print(summary_table(demo.train, title="QLoRA run"))
+    table = Table(title="the shift task (each letter one on), before and after QLoRA")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("eval loss", f"{demo.eval_loss_before:.4f}", f"{demo.eval_loss_after:.4f}")
+    table.add_row("exact answers (64 unseen words)", f"{demo.accuracy_before:.0%}", f"{demo.accuracy_after:.0%}")
+    console.print(table)
+    samples = Table(title="greedy generations")
+    for column in ("prompt", "expected", "before", "after") + (("merged fp16",) if demo.merged_dir else ()):
+        samples.add_column(column)
+    for s in demo.samples:
+        ok = "green" if s.after == s.expected else "red"
+        shown = [a if a else "[dim](nothing)[/]" for a in (s.before, s.after, s.merged or "")]
+        row = [s.prompt, s.expected, shown[0], f"[{ok}]{shown[1]}[/]"] + ([shown[2]] if demo.merged_dir else [])
+        samples.add_row(*row)
+    console.print(samples)
+    if demo.merged_dir:
+        console.print(f"merged fp16 model: {demo.merged_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+    elif demo.merge_note:
+        console.print(f"[dim]{demo.merge_note}[/]")
+    console.print(f"done in {demo.seconds:.0f} s; base model, data and run are in {demo.out_dir}")
     return 0
 
 

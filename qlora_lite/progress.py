@@ -1,0 +1,106 @@
+"""Rich rendering of training progress for the command line (`train`, `demo`).
+
+Part of the CLI layer: `train.train()` only calls a `Reporter`; `RichReporter` turns those calls into a
+progress bar (step, loss, learning rate, tokens/s, memory on CUDA), one line per eval and checkpoint,
+and `summary_table` into the end-of-run table.
+"""
+
+from __future__ import annotations
+
+from .train import Reporter, TrainResult
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+class RichReporter(Reporter):
+    """A rich progress bar and event lines on `console`."""
+
+    def __init__(self, console, title: str = "training"):
+        self.console = console
+        self.title = title
+        self.progress = None
+        self.task = None
+
+    def on_start(self, info: dict) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        stats = info["train"]
+        formats = ", ".join(f"{n} {fmt}" for fmt, n in stats.formats.items())
+        line = (
+            f"[bold]{self.title}[/]: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters "
+            f"on {info['device']}, optimizer {info['optimizer']}\n"
+            f"data: {stats.records} records ({formats}) -> {stats.sequences} sequences, {_human(stats.tokens)} tokens"
+            f"{', packed' if stats.packed else ''}; {stats.truncated} truncated"
+        )
+        if stats.dropped_no_target:
+            line += f", {stats.dropped_no_target} dropped (no target token left after truncation)"
+        if info["eval"] is not None:
+            line += f"; eval: {info['eval'].sequences} sequences"
+        if info["resumed_from"] is not None:
+            line += f"\nresuming from step {info['resumed_from']}"
+        self.console.print(line)
+        self.progress = Progress(
+            TextColumn("[bold blue]{task.description}"),
+            BarColumn(),
+            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TextColumn("{task.fields[mem]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            self.title, total=info["max_steps"], completed=info["start_step"], loss="-", lr="-", speed="-", mem=""
+        )
+
+    def on_step(self, record: dict) -> None:
+        mem = f"{record['mem_gib']:.2f} GiB" if "mem_gib" in record else ""
+        self.progress.update(
+            self.task, completed=record["step"], loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+            speed=_human(record["tokens_per_s"]), mem=mem,
+        )
+
+    def on_eval(self, record: dict) -> None:
+        self.progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+
+    def on_checkpoint(self, step: int, path) -> None:
+        self.progress.console.print(f"[dim]step {step}: checkpoint {path}[/]")
+
+    def on_end(self, result: TrainResult) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live display (also on errors, so the terminal is left clean)."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def summary_table(result: TrainResult, title: str = "run summary"):
+    """A rich Table with the run's outcome."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("steps", f"{result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from is not None else ""))
+    table.add_row("train loss (last log)", f"{result.train_loss:.4f}" if result.train_loss is not None else "-")
+    if result.eval_loss is not None:
+        table.add_row("eval loss", f"{result.eval_loss:.4f}")
+        table.add_row("eval perplexity", f"{result.eval_perplexity:.2f}")
+    table.add_row("tokens trained", f"{result.tokens:,}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("trainable params", f"{result.trainable_params:,} of {result.total_params:,}")
+    table.add_row("adapter", str(result.adapter_dir))
+    table.add_row("metrics", str(result.output_dir / "metrics.jsonl"))
+    return table
