@@ -187,7 +187,7 @@ def demo_config(base_dir: Path, data_dir: Path, run_dir: Path, steps: int, seed:
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "adapter_dtype": adapter_dtype},
         "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "max_seq_len": 32},
         "train": {
-            "max_steps": steps, "micro_batch_size": 16, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 5,
+            "max_steps": steps, "micro_batch_size": 16, "grad_accum": 1, "lr": 5e-3, "warmup_steps": 5,
             "schedule": "cosine", "optimizer": "paged_adamw_8bit", "gradient_checkpointing": True, "seed": seed,
             "log_every": 5, "eval_every": 20, "save_every": 40, "keep_checkpoints": 2,
         },

@@ -219,3 +219,51 @@ def test_cli_train_refuses_bad_input_with_exit_2_and_documents_every_key(tiny_mo
     assert main(["train", str(cfg_path), "--train.max_steps", "2", "--train.eval_every", "1"]) == 0
     out = capsys.readouterr().out
     assert "eval loss" in out and "run summary" in out
+
+
+# ------------------------------------------------------------------------------------------ demo task
+@pytest.fixture(scope="module")
+def demo_cli_run(tmp_path_factory):
+    """`qlora-lite demo` once for this module: (exit code, console output, demo.json)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["demo", "--out", str(out)])
+    return code, buffer.getvalue(), json.loads((out / "demo.json").read_text())
+
+
+def test_demo_teaches_the_4bit_base_the_shift_task(demo_cli_run):
+    code, text, demo = demo_cli_run
+    assert code == 0
+    assert demo["pretrain_copy_loss"] < 0.05  # the base really learned to copy
+    assert demo["eval_loss_before"] > 3.0 and demo["eval_loss_after"] < 0.1
+    assert demo["accuracy_before"] == 0.0 and demo["accuracy_after"] >= 0.95
+    for sample in demo["samples"]:
+        assert sample["after"] == sample["expected"] != sample["before"]
+        if demo["merged_dir"]:
+            assert sample["merged"] == sample["expected"]
+    assert "exact answers" in text and "shift hello =" in text and "ifmmp" in text
+
+
+def test_bf16_adapters_with_fp32_masters_match_fp32_adapters_on_the_demo_task(demo_cli_run, tmp_path):
+    """Stored in bf16, A and B train as well as fp32 adapters: no update is lost to bf16 rounding."""
+    from pathlib import Path
+
+    from qlora_lite.demo import demo_config
+
+    _, _, demo = demo_cli_run
+    out = Path(demo["out_dir"])
+    cfg = demo_config(Path(demo["base_dir"]), out / "data", tmp_path / "fp32", demo["train_steps"], 0, "float32")
+    fp32 = train(cfg)
+    bf16_loss = demo["eval_loss_after"]
+    assert abs(bf16_loss - fp32.eval_loss) / fp32.eval_loss < 0.03, (bf16_loss, fp32.eval_loss)
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "is not empty and was not made by the demo" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
