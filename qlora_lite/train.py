@@ -19,7 +19,9 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -464,3 +466,14 @@ def train(config: TrainConfig | str | Path, *, resume: bool = False, reporter: R
     )
     reporter.on_end(result)
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """`qlora_lite.train` names both this module and the function: once the module is imported, Python binds the
+    package attribute to the module, so the module forwards calls to make `qlora_lite.train(config)` always work."""
+
+    def __call__(self, config: TrainConfig | str | Path, **kwargs) -> TrainResult:
+        return train(config, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -267,3 +267,21 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "is not empty and was not made by the demo" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_example_script_fine_tunes_a_local_model_dir_with_the_example_config(tiny_model_dir, tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    script = runpy.run_path(str(examples / "finetune_local.py"), run_name="example")
+    code = script["main"]([
+        "--model", str(tiny_model_dir("qwen2")), "--data", str(examples / "instructions.jsonl"), "--out", str(tmp_path / "run"),
+        "--train.max_steps", "2", "--train.micro_batch_size", "2", "--data.max_seq_len", "256",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "memory report" in out or "not available in this build" in out
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lora"]["dropout"] == 0.05 and saved["train"]["grad_accum"] == 4  # the example YAML's settings
