@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from .config import TrainConfig, TrainSettings, load_config
 from .data import BatchOrder, DatasetStats, TokenizedDataset, collate, pad_id, prepare_data, target_count
 from .errors import ConfigError, DataError, TrainingError
 from .export import save_adapter
-from .files import atomic_dir, atomic_file, save_safetensors_atomic, write_json_atomic, write_text_atomic
-from .loader import default_device, load_quantized
+from .files import DirectoryLock, atomic_dir, atomic_file, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from . import loader
+from .loader import default_device
 from .lora import apply_lora, count_parameters
 from .optim import AdapterOptimizer
 
@@ -334,6 +336,39 @@ def _check_resume_settings(state: dict, config: TrainConfig, path: Path) -> None
             )
 
 
+def _prepare(config: TrainConfig, device: torch.device):
+    """Tokenizer, datasets, the quantized model with LoRA (and checkpointing), and the adapter optimizer.
+
+    Tokenizer, context length and data come first, so bad data fails in seconds, before a large base loads.
+    """
+    s = config.train
+    model_dir = loader.check_model_dir(config.model)
+    tokenizer = loader.load_tokenizer_from(model_dir, config.trust_remote_code)
+    if tokenizer is None:
+        raise DataError(f"the model directory {model_dir} has no tokenizer files; copy the tokenizer next to config.json.")
+    model_config = loader.load_config(model_dir, config.trust_remote_code)
+    context = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "max_position_embeddings", None)
+    if context and config.data.max_seq_len > context:
+        raise ConfigError(
+            f"data.max_seq_len is {config.data.max_seq_len}, longer than the model's context of {context} tokens; "
+            f"set data.max_seq_len <= {context}."
+        )
+    train_ds, eval_ds = prepare_data(config.data, tokenizer, s.seed)
+    q = config.quant
+    model, _ = loader.load_quantized(
+        model_dir, q.bits, q.quant_type, q.double_quant, device, config.lora.target_modules, blocksize=q.blocksize,
+        int8_threshold=q.int8_threshold, trust_remote_code=config.trust_remote_code, load_tokenizer=False,
+    )
+    lc = config.lora
+    apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules, rslora=lc.rslora,
+               adapter_dtype=getattr(torch, lc.adapter_dtype), seed=s.seed)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
+    return tokenizer, train_ds, eval_ds, model, optimizer
+
+
 def train(config: TrainConfig | str | Path, *, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
     """Fine-tune with QLoRA as the config says; `config` is a `TrainConfig` or a YAML path.
 
@@ -342,30 +377,19 @@ def train(config: TrainConfig | str | Path, *, resume: bool = False, reporter: R
     loss or the gradient norm stops being finite (the last good checkpoint is kept).
     """
     config = _as_config(config)
-    reporter = reporter or Reporter()
+    # One process per run dir: a second `train` on it would interleave checkpoints and metrics.
+    with DirectoryLock(config.output_dir, purpose="qlora-lite train"):
+        return _train_locked(config, resume, reporter or Reporter())
+
+
+def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> TrainResult:
     s = config.train
     out = Path(config.output_dir)
     _check_output_dir(out, resume)
     device = default_device()
     torch.manual_seed(s.seed)
 
-    model, tokenizer = load_quantized(
-        config.model, config.quant.bits, config.quant.quant_type, config.quant.double_quant, device,
-        config.lora.target_modules, blocksize=config.quant.blocksize, int8_threshold=config.quant.int8_threshold,
-        trust_remote_code=config.trust_remote_code,
-    )
-    if tokenizer is None:
-        raise DataError(f"the model directory {config.model} has no tokenizer files; copy the tokenizer next to config.json.")
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and config.data.max_seq_len > context:
-        raise ConfigError(f"data.max_seq_len is {config.data.max_seq_len}, longer than the model's context of {context} tokens; set data.max_seq_len <= {context}.")
-    train_ds, eval_ds = prepare_data(config.data, tokenizer, s.seed)
-    adapter_dtype = getattr(torch, config.lora.adapter_dtype)
-    apply_lora(model, config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.target_modules,
-               rslora=config.lora.rslora, adapter_dtype=adapter_dtype, seed=s.seed)
-    if s.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    optimizer = AdapterOptimizer([p for p in model.parameters() if p.requires_grad], s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
+    tokenizer, train_ds, eval_ds, model, optimizer = _prepare(config, device)
     order = BatchOrder(len(train_ds), s.micro_batch_size, s.seed)
     metrics = MetricsLog(out / "metrics.jsonl")
     pad = pad_id(tokenizer)
@@ -386,8 +410,6 @@ def train(config: TrainConfig | str | Path, *, resume: bool = False, reporter: R
     elif resume and metrics.path.exists():
         metrics.truncate_to(0)  # killed before its first checkpoint: start the log over with the run
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     write_text_atomic(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     trainable, total = count_parameters(model)
     reporter.on_start({
@@ -431,7 +453,7 @@ def train(config: TrainConfig | str | Path, *, resume: bool = False, reporter: R
         if step % s.log_every == 0 or step == s.max_steps:
             last_train_loss = window_sum / window_steps
             metrics.append({"step": step, "loss": last_train_loss, "lr": lr, "grad_norm": grad_norm,
-                            "tokens": tokens_total, "epoch": record["epoch"]})
+                            "tokens": tokens_total, "epoch": record["epoch"], "tokens_per_s": round(record["tokens_per_s"], 1)})
             window_sum, window_steps = 0.0, 0
         if eval_ds is not None and ((s.eval_every and step % s.eval_every == 0) or step == s.max_steps):
             eval_loss, _ = evaluate(model, eval_ds, s.micro_batch_size, pad, device, s.bf16)

@@ -200,6 +200,17 @@ def test_config_errors(tiny_model_dir, toy_data, tmp_path):
         train(load_config(cfg_path, {"train.max_steps": "2", "lora.r": "4"}), resume=True)
 
 
+def test_a_run_dir_in_use_is_refused(tiny_model_dir, toy_data, tmp_path):
+    from qlora_lite.errors import LockedError
+    from qlora_lite.files import DirectoryLock
+
+    cfg = _config(tiny_model_dir("llama"), toy_data, tmp_path / "run", max_steps=1)
+    with DirectoryLock(tmp_path / "run", purpose="another train"):
+        with pytest.raises(LockedError, match=r"run is in use by pid \d+ \(another train\)"):
+            train(cfg)
+    assert train(cfg).steps == 1  # free again once the holder is gone
+
+
 def test_cli_train_refuses_bad_input_with_exit_2_and_documents_every_key(tiny_model_dir, toy_data, tmp_path, capsys):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir("llama"), toy_data, tmp_path / "run").to_dict()))
