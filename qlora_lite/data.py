@@ -8,7 +8,8 @@ Records follow TRL's conventions, detected per record:
 
 Masks are computed on characters and mapped to tokens through the tokenizer's offset mapping, so the
 tokens trained on are exactly the tokens the model sees when the same text is tokenized whole (no
-boundary artefacts from tokenizing pieces separately). Labels are aligned with `input_ids`
+boundary artefacts from tokenizing pieces separately); a token is trained on when it holds any target
+character. Labels are aligned with `input_ids`
 (`labels[j]` is the target for position j; -100 means no loss); the loss shifts them.
 """
 
@@ -179,7 +180,11 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 
 
 def _tokenize_with_mask(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool, where: str):
-    """Token ids of `text` and labels that keep exactly the tokens starting inside one of the char spans."""
+    """Token ids of `text` and labels that keep exactly the tokens holding a character of one of the char spans.
+
+    A token that straddles a span boundary (e.g. 'Ġ4' from prompt 'Q: ' + completion '4') is trained on:
+    it carries target text, and masking it would drop the answer's first token.
+    """
     try:
         enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_attention_mask=False)
     except NotImplementedError:
@@ -187,7 +192,7 @@ def _tokenize_with_mask(tokenizer, text: str, spans: list[tuple[int, int]], add_
     ids = list(enc["input_ids"])
     labels = []
     for tok, (start, end) in zip(ids, enc["offset_mapping"]):
-        inside = end > start and any(a <= start < b for a, b in spans)
+        inside = end > start and any(start < b and end > a for a, b in spans)
         labels.append(tok if inside else IGNORE_INDEX)
     return ids, labels
 

@@ -62,8 +62,8 @@ def test_prompt_completion_masks_the_prompt_exactly(tok):
     assert ex.labels[7:] == tok(" 4", add_special_tokens=False).input_ids + [tok.eos_token_id]
 
 
-def test_prompt_completion_boundary_token_belongs_to_the_prompt():
-    """With a merge that spans the prompt/completion boundary, the merged token is not trained on."""
+def test_prompt_completion_boundary_token_is_trained_on():
+    """A merged token that spans the prompt/completion boundary carries completion text, so it is a target."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,7 +77,9 @@ def test_prompt_completion_boundary_token_belongs_to_the_prompt():
     bpe = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     ex = _encode(bpe, {"prompt": "xa", "completion": "by"})
     assert ex.input_ids == [vocab["x"], vocab["ab"], vocab["y"], 2]
-    assert ex.labels == [IGNORE_INDEX, IGNORE_INDEX, vocab["y"], 2]
+    assert ex.labels == [IGNORE_INDEX, vocab["ab"], vocab["y"], 2]
+    ex = _encode(bpe, {"prompt": "x", "completion": "aby"})
+    assert ex.labels == [IGNORE_INDEX, vocab["ab"], vocab["y"], 2]
 
 
 def test_messages_use_the_chat_template_and_train_on_assistant_turns_only(tok):
