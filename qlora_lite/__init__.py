@@ -2,7 +2,8 @@
 
 Public API (see ARCHITECTURE.md): `load_quantized`, `apply_lora`, `save_adapter`, `load_adapter`,
 `export_merged`, `estimate_memory`, `train`, and the `QloraLiteError` family.
-Names are imported on first use so `import qlora_lite` stays cheap.
+Names are imported on first use, except `train`: it shares its name with the `qlora_lite.train` module,
+and importing a submodule rebinds the package attribute to the module, so the function is bound eagerly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from .errors import QloraLiteError
+from .train import TrainResult, train  # noqa: E402  (see the docstring)
 
 __version__ = "0.1.0"
 
@@ -23,13 +25,11 @@ _LAZY = {
     "export_merged": "export",
     "estimate_memory": "memory",
     "MemoryReport": "memory",
-    "train": "train",
-    "TrainResult": "train",
     "TrainConfig": "config",
     "load_config": "config",
 }
 
-__all__ = ["QloraLiteError", "__version__", *_LAZY]
+__all__ = ["QloraLiteError", "TrainResult", "__version__", "train", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -19,9 +19,7 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -489,13 +487,3 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
     reporter.on_end(result)
     return result
 
-
-class _CallableModule(types.ModuleType):
-    """`qlora_lite.train` names both this module and the function: once the module is imported, Python binds the
-    package attribute to the module, so the module forwards calls to make `qlora_lite.train(config)` always work."""
-
-    def __call__(self, config: TrainConfig | str | Path, **kwargs) -> TrainResult:
-        return train(config, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
