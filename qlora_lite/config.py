@@ -95,6 +95,8 @@ class TrainSettings:
     optimizer: str = _setting("paged_adamw_8bit", "paged_adamw_8bit (falls back to adamw_8bit off CUDA), adamw_8bit or adamw")
     max_grad_norm: float = _setting(1.0, "gradient-norm clipping (0 turns it off)")
     gradient_checkpointing: bool = _setting(True, "recompute each decoder layer in backward instead of storing activations")
+    offload_activations: bool = _setting(False, "keep each checkpointed layer's input in CPU memory (long sequences on small GPUs)")
+    loss_chunk_tokens: int = _setting(256, "tokens per chunk of lm_head + cross-entropy, so full-vocabulary logits never exist (0: unchunked)")
     seed: int = _setting(0, "seed for data order, dropout and adapter init")
     log_every: int = _setting(10, "steps between metrics.jsonl lines")
     eval_every: int = _setting(50, "steps between eval passes (0: only at the end)")
@@ -106,7 +108,9 @@ class TrainSettings:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} is {getattr(self, name)}; it must be a positive integer.")
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ConfigError("train.offload_activations needs train.gradient_checkpointing: true (it offloads the checkpointed inputs).")
+        for name in ("warmup_steps", "eval_every", "save_every", "loss_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} is {getattr(self, name)}; it must be 0 or positive.")
         if self.lr <= 0:

@@ -29,7 +29,8 @@ from .config import config_from_dict
 from .data import build_dataset, collate
 from .errors import ConfigError, QloraLiteError
 from .files import atomic_dir, write_json_atomic, write_text_atomic
-from .train import Reporter, TrainResult, causal_lm_loss_sum, evaluate, train
+from .loss import causal_lm_loss
+from .train import Reporter, TrainResult, evaluate, train
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 WORD_LEN = 5
@@ -118,8 +119,7 @@ def pretrain_base(
             group["lr"] = lr
         records = [("copy", task_record("copy", w)) for w in _random_words(rng, 32, set(SAMPLE_WORDS))]
         batch = collate(build_dataset(records, tokenizer, 32).examples, 0)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = causal_lm_loss_sum(logits, batch["labels"]) / int((batch["labels"][:, 1:] != -100).sum())
+        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 256  # 256 x 128k vocab x fp32 = 128 MiB of logits per chunk
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -64,7 +64,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output.to(torch.float32)
-        gh = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
+        gh = None if grad_hidden is None else (grad_hidden.float() * scale).to(grad_hidden.dtype)
         gw = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
         gb = None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype)
         return gh, gw, gb, None, None, None, None
@@ -123,15 +123,16 @@ def causal_lm_loss(
 
     Equals `model(input_ids, labels=labels).loss` (a mean over labelled tokens) when `normalizer` is None;
     pass the token count of a whole accumulated batch as `normalizer` to sum micro-batches correctly.
+    `chunk_size` <= 0 computes the full logits as transformers does.
     """
     targets = shift_labels(labels)
     if normalizer is None:
         normalizer = float(max(int((targets != IGNORE_INDEX).sum()), 1))
-    if not supports_chunked_loss(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    if chunk_size <= 0 or not supports_chunked_loss(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
         losses = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return losses / normalizer
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     return chunked_cross_entropy(
         hidden.flatten(0, 1),

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from .config import TrainConfig, TrainSettings, load_config
@@ -35,6 +34,7 @@ from .files import DirectoryLock, atomic_dir, atomic_file, save_safetensors_atom
 from . import loader
 from .loader import default_device
 from .lora import apply_lora, count_parameters
+from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from .optim import AdapterOptimizer
 
 COMPLETE_MARKER = "COMPLETE"
@@ -102,15 +102,28 @@ def lr_at(step: int, s: TrainSettings) -> float:
 
 
 # ------------------------------------------------------------------------------------ model bits
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer in backward (non-reentrant, so gradients reach the adapters of a frozen base)."""
+def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so gradients reach the adapters of a frozen base).
+
+    With `offload`, the one tensor each checkpointed layer keeps (its input) is held in pinned CPU memory
+    (`torch.autograd.graph.save_on_cpu`) and copied back for the recompute: it frees layers x tokens x hidden
+    bf16 bytes of GPU memory, which dominates at long sequences, for a copy each way per layer.
+    """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; set train.gradient_checkpointing: false.")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpoint_layer(function, *args, **kwargs):
+        kwargs.setdefault("use_reentrant", False)
+        if not offload:
+            return checkpoint(function, *args, **kwargs)
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return checkpoint(function, *args, **kwargs)
+
+    # transformers' own enable() picks the checkpoint function; set ours on every layer the same way it does
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpoint_layer)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -122,23 +135,31 @@ def autocast_context(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed fp32 cross-entropy of next-token predictions (labels shifted by one, -100 ignored)."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
+def _forward_loss_sum(
+    model, batch: dict, device: torch.device, bf16: bool, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    normalizer: float = 1.0,
+) -> torch.Tensor:
+    """fp32 next-token cross-entropy of one micro-batch summed over targets and divided by `normalizer`.
 
-
-def _forward_loss_sum(model, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
+    With `loss_chunk_tokens` > 0, `lm_head` + cross-entropy run chunk by chunk (`loss.causal_lm_loss`) and the
+    full-vocabulary logits never exist; 0 computes transformers' full logits first. The normalizer is applied
+    inside, to the fp32 logit gradients, so no bf16-rounded scale multiplies the gradient afterwards.
+    """
     with autocast_context(device, bf16):
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-        ).logits
-    return causal_lm_loss_sum(logits, batch["labels"].to(device))
+        return causal_lm_loss(
+            model,
+            batch["input_ids"].to(device),
+            batch["labels"].to(device),
+            batch["attention_mask"].to(device),
+            chunk_size=loss_chunk_tokens,
+            normalizer=normalizer,
+        )
 
 
-def accumulate_gradients(model, batches: list[dict], optimizer: AdapterOptimizer, device: torch.device, bf16: bool = True) -> float:
+def accumulate_gradients(
+    model, batches: list[dict], optimizer: AdapterOptimizer, device: torch.device, bf16: bool = True,
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> float:
     """Forward and backward each micro-batch; leave fp32 gradients on the optimizer's masters; return the step loss.
 
     Each micro-batch's summed loss is divided by the step's total target count, so the accumulated gradient
@@ -147,7 +168,7 @@ def accumulate_gradients(model, batches: list[dict], optimizer: AdapterOptimizer
     targets = sum(target_count(b["labels"]) for b in batches)
     step_loss = torch.zeros((), dtype=torch.float32, device=device)
     for batch in batches:
-        loss = _forward_loss_sum(model, batch, device, bf16) / targets
+        loss = _forward_loss_sum(model, batch, device, bf16, loss_chunk_tokens, normalizer=float(targets))
         loss.backward()
         optimizer.accumulate_grads()
         step_loss += loss.detach()
@@ -155,7 +176,10 @@ def accumulate_gradients(model, batches: list[dict], optimizer: AdapterOptimizer
 
 
 @torch.no_grad()
-def evaluate(model, dataset: TokenizedDataset, batch_size: int, pad_token_id: int, device: torch.device, bf16: bool = True) -> tuple[float, int]:
+def evaluate(
+    model, dataset: TokenizedDataset, batch_size: int, pad_token_id: int, device: torch.device, bf16: bool = True,
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[float, int]:
     """(token-weighted mean loss, number of target tokens) over a dataset, in order, in eval mode."""
     was_training = model.training
     model.eval()
@@ -163,7 +187,7 @@ def evaluate(model, dataset: TokenizedDataset, batch_size: int, pad_token_id: in
     try:
         for start in range(0, len(dataset), batch_size):
             batch = collate(dataset.examples[start : start + batch_size], pad_token_id)
-            total += float(_forward_loss_sum(model, batch, device, bf16))
+            total += float(_forward_loss_sum(model, batch, device, bf16, loss_chunk_tokens))
             count += target_count(batch["labels"])
     finally:
         model.train(was_training)
@@ -361,7 +385,7 @@ def _prepare(config: TrainConfig, device: torch.device):
     apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules, rslora=lc.rslora,
                adapter_dtype=getattr(torch, lc.adapter_dtype), seed=s.seed)
     if s.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=s.offload_activations)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
     return tokenizer, train_ds, eval_ds, model, optimizer
@@ -427,7 +451,7 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [collate([train_ds.examples[i] for i in order.next_indices()], pad) for _ in range(s.grad_accum)]
-        loss_value = accumulate_gradients(model, batches, optimizer, device, s.bf16)
+        loss_value = accumulate_gradients(model, batches, optimizer, device, s.bf16, s.loss_chunk_tokens)
         grad_norm = optimizer.clip_grad_norm_(s.max_grad_norm) if math.isfinite(loss_value) else float("nan")
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint had been written yet"
@@ -454,7 +478,7 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
                             "tokens": tokens_total, "epoch": record["epoch"], "tokens_per_s": round(record["tokens_per_s"], 1)})
             window_sum, window_steps = 0.0, 0
         if eval_ds is not None and ((s.eval_every and step % s.eval_every == 0) or step == s.max_steps):
-            eval_loss, _ = evaluate(model, eval_ds, s.micro_batch_size, pad, device, s.bf16)
+            eval_loss, _ = evaluate(model, eval_ds, s.micro_batch_size, pad, device, s.bf16, s.loss_chunk_tokens)
             last_eval = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 80.0))}
             metrics.append(last_eval)
             reporter.on_eval(last_eval)
@@ -470,7 +494,7 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
             _fault_point("after-checkpoint", step)
 
     if eval_ds is not None and last_eval is None:  # resumed at max_steps: report the final adapter's eval
-        eval_loss, _ = evaluate(model, eval_ds, s.micro_batch_size, pad, device, s.bf16)
+        eval_loss, _ = evaluate(model, eval_ds, s.micro_batch_size, pad, device, s.bf16, s.loss_chunk_tokens)
         last_eval = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 80.0))}
     with atomic_dir(out / "adapter", overwrite=True) as tmp:
         save_adapter(model, tmp)

@@ -1,0 +1,67 @@
+"""The lean training paths give the same numbers as the plain ones: chunked loss vs full logits in a real
+run, and checkpointed activations offloaded to CPU memory vs kept in place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_lite import apply_lora, load_quantized, train
+from qlora_lite.loss import causal_lm_loss
+from qlora_lite.lora import lora_layers
+from qlora_lite.train import enable_gradient_checkpointing
+from tests.helpers import rel_err
+from tests.test_train import _config, toy_data  # noqa: F401  (fixture)
+
+
+def _adapter_grads(model, ids) -> dict[str, torch.Tensor]:
+    loss = causal_lm_loss(model, ids, ids)
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_offloaded_activations_give_the_same_gradients(tiny_model_dir):
+    model, _ = load_quantized(tiny_model_dir("llama"), device="cpu")
+    apply_lora(model, r=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    model.train()
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    enable_gradient_checkpointing(model, offload=False)
+    kept = _adapter_grads(model, ids)
+    enable_gradient_checkpointing(model, offload=True)
+    offloaded = _adapter_grads(model, ids)
+    assert kept.keys() == offloaded.keys() and len(kept) == 28
+    for name, grad in kept.items():
+        assert grad.abs().sum() > 0, name
+        assert rel_err(offloaded[name], grad) <= 1e-6, name
+
+
+def test_chunked_loss_run_matches_full_logits_run(tiny_model_dir, toy_data, tmp_path):  # noqa: F811
+    runs = {}
+    for chunk in (0, 5):
+        config = _config(tiny_model_dir("llama"), toy_data, tmp_path / f"chunk-{chunk}", loss_chunk_tokens=chunk,
+                         offload_activations=chunk > 0)
+        result = train(config)
+        lines = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[chunk] = ([r["loss"] for r in lines if "loss" in r], result.eval_loss)
+    (full_losses, full_eval), (chunked_losses, chunked_eval) = runs[0], runs[5]
+    assert len(full_losses) == len(chunked_losses) == 6
+    assert abs(chunked_losses[0] - full_losses[0]) <= 1e-3 * full_losses[0]  # same first-step loss
+    for a, b in zip(chunked_losses, full_losses):
+        assert abs(a - b) <= 2e-2 * b  # the curves stay together (bf16 noise only)
+    assert abs(chunked_eval - full_eval) <= 2e-2 * full_eval
+    assert full_losses[-1] < full_losses[0]
+
+
+def test_offload_needs_checkpointing():
+    from qlora_lite.config import TrainSettings
+    from qlora_lite.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="offload_activations needs train.gradient_checkpointing"):
+        TrainSettings(gradient_checkpointing=False, offload_activations=True).validate()
