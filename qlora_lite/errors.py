@@ -33,5 +33,22 @@ class TrainingError(QloraLiteError):
     """Training stopped on a condition the user must look at (NaN loss, out of memory)."""
 
 
+class OutOfMemoryError(TrainingError):
+    """The GPU ran out of memory during training; `advice` holds the memory report and the change that fits.
+
+    Its own exit code (3), so scripts can tell "change the settings" from "fix the input".
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, advice=None):
+        super().__init__(message)
+        self.advice = advice
+
+
+class UsageError(QloraLiteError):
+    """The command line itself is malformed (unknown sub-command, missing or invalid argument)."""
+
+
 class LockedError(QloraLiteError):
     """Another process is writing the same output directory."""

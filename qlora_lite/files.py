@@ -4,15 +4,21 @@
   against resident memory), converting dtype chunk by chunk so a float32 checkpoint never needs a whole
   float32 copy of a tensor;
 - weight-file discovery that refuses pickle checkpoints;
-- atomic writes: every file goes to a temporary name in the same folder and is renamed when complete.
+- atomic writes: every file goes to a temporary name in the same folder and is renamed when complete;
+- the directory lock, and the fault points the crash tests use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -21,6 +27,30 @@ from typing import Iterator
 import torch
 
 from .errors import ModelLoadError
+
+# Fault injection for the crash tests: "<point>:<N>" SIGKILLs the process at that point (KILL_ENV) or fails
+# there as a full disk would, with OSError(ENOSPC) (ENOSPC_ENV). Points: in-checkpoint:STEP,
+# after-checkpoint:STEP, in-final-adapter:STEP (train.py), in-export:TENSORS_WRITTEN (export.py).
+KILL_ENV = "QLORA_LITE_TEST_KILL"
+ENOSPC_ENV = "QLORA_LITE_TEST_ENOSPC"
+
+
+def fault_point(point: str, count: int) -> None:
+    """Crash here (SIGKILL) or fail with ENOSPC when the test environment asks for `point:count`; else nothing."""
+    here = f"{point}:{count}"
+    if os.environ.get(KILL_ENV) == here:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(ENOSPC_ENV) == here:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected at {here})")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -192,7 +222,10 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
 def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name beside `final`, renamed into place only when complete.
 
-    With `overwrite`, an existing `final` is replaced only after the new one is complete.
+    With `overwrite`, an existing `final` is replaced only after the new one is complete: where the kernel can
+    swap two directories in one step (Linux renameat2), a crash at any moment leaves `final` either old or new;
+    elsewhere the old one is moved aside first, so a crash between the two renames leaves no `final`.
+    A crash mid-build leaves only the temporary `.NAME.XXXXXXXX.tmp` (see `remove_stale_temps`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -203,9 +236,15 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
+            _fsync_dir(tmp)
+            if _exchange(tmp, final):
+                old = tmp  # now holds the previous contents
+            else:
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -214,16 +253,63 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE)) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # file system or kernel without the flag: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def remove_stale_temps(final: str | Path) -> list[Path]:
+    """Delete what killed `atomic_dir` / `atomic_file` writes of `final` left beside it; return what was removed.
+
+    Matches only this name's temporaries (`.NAME.` + mkstemp's 8 random characters + `.tmp`, and `.NAME.old-PID`),
+    never those of another name in the same folder. Call it only while holding the lock that guards `final`.
+    """
+    final = Path(final)
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:[a-z0-9_]{{8}}\.tmp|old-\d+)$")
+    removed = []
+    if final.parent.is_dir():
+        for path in sorted(final.parent.iterdir()):
+            if pattern.match(path.name):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                removed.append(path)
+    return removed
+
+
 class DirectoryLock:
     """An exclusive lock on a directory, held by an open file with `fcntl.flock`.
 
     The kernel drops the lock when the holding process exits, however it exits, so a crashed run never
     leaves it stuck; the file keeps the holder's pid for the error message.
+
+    By default the lock file is `DIR/.qlora-lite.lock` and stays. With `beside=True` it is `.DIR.qlora-lite.lock`
+    next to the directory, for outputs that are renamed into place whole (a merged export), and is deleted on
+    release; a process that opened it just before that deletion notices and locks the new file instead.
     """
 
-    def __init__(self, directory: str | Path, purpose: str = "run"):
+    def __init__(self, directory: str | Path, purpose: str = "run", beside: bool = False):
         self.directory = Path(directory)
-        self.path = self.directory / ".qlora-lite.lock"
+        self.beside = beside
+        if beside:
+            self.path = self.directory.with_name(f".{self.directory.name}.qlora-lite.lock")
+        else:
+            self.path = self.directory / ".qlora-lite.lock"
         self.purpose = purpose
         self._file = None
 
@@ -231,19 +317,27 @@ class DirectoryLock:
         """Take the lock or raise `LockedError` naming the process that holds it."""
         import fcntl
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            from .errors import LockedError
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                from .errors import LockedError
 
-            raise LockedError(
-                f"{self.directory} is in use by {holder}; wait for it to finish or choose another output directory."
-            ) from None
+                raise LockedError(
+                    f"{self.directory} is in use by {holder}; wait for it to finish or choose another output directory."
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(handle.fileno()).st_ino:
+                break
+            handle.close()  # the previous holder deleted this file as it let go: lock the one now at the path
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} ({self.purpose})")
@@ -252,8 +346,11 @@ class DirectoryLock:
         return self
 
     def release(self) -> None:
-        """Drop the lock (the file stays; an unlocked file means nobody holds it)."""
+        """Drop the lock (the file stays unless `beside`; an unlocked file means nobody holds it)."""
         if self._file is not None:
+            if self.beside:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)  # still locked here, so nobody else can be using this file
             self._file.close()
             self._file = None
 
