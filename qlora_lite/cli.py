@@ -155,7 +155,9 @@ def _add_memory(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
     p.add_argument("--optimizer", default="paged_adamw_8bit", help="paged_adamw_8bit, adamw_8bit or adamw")
-    p.add_argument("--chunked-loss", action="store_true", help="lm_head + cross-entropy in chunks of tokens")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="lm_head + cross-entropy in chunks of 256 tokens, as the trainer does by default")
+    p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs kept in CPU memory")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--padding", action="store_true", help="micro-batches contain padding (an attention mask is built)")
     p.add_argument("--attn", default=None, help="attention implementation to count: sdpa or eager (default: transformers' pick)")
@@ -177,6 +179,7 @@ def _cmd_memory(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         bits=args.bits, quant_type=args.quant_type, double_quant=not args.no_double_quant, rank=args.rank, targets=targets,
         lora_dropout=args.lora_dropout, seq_len=args.seq_len, batch_size=args.batch_size,
         gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer, chunked_loss=args.chunked_loss,
+        offload_activations=args.offload_activations,
         attn_implementation=args.attn, grad_accum=args.grad_accum, padding=args.padding,
     )
     budget, label = parse_budget(args.gpu_memory) if args.gpu_memory else (None, None)

@@ -66,8 +66,9 @@ class RunSettings:
     gradient_checkpointing: bool = True
     grad_accum: int = 4  # micro-batches per optimizer step: > 1 keeps fp32 gradients across forwards
     optimizer: str = "paged_adamw_8bit"
-    chunked_loss: bool = False
+    chunked_loss: bool = True  # the trainer's default (train.loss_chunk_tokens = 256)
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK
+    offload_activations: bool = False  # checkpointed layer inputs held in pinned CPU memory (train.offload_activations)
     attn_implementation: str | None = None  # None: what transformers picks for the config (sdpa, or eager)
     padding: bool = False  # micro-batches hold padding: a [b, 1, s, s] mask, so SDPA cannot use its flash kernel
     device: str = "cuda"  # "cuda" or "cpu": which kernels' temporaries, allocator and context apply
@@ -538,7 +539,8 @@ def activation_model(inv: Inventory, targets: list[LinearInfo], s: RunSettings) 
         if s.gradient_checkpointing:
             # transformers' gradient_checkpointing_enable makes the embedding output require grad, so layer 0 is like the rest
             held = bnb8_held_bytes(inv, layer, first=False) if s.bits == 8 else 0
-            stored += (BF16 * inv.hidden + held) * T  # non-reentrant checkpoint keeps the layer input (+ what bnb holds)
+            layer_input = 0 if s.offload_activations else BF16 * inv.hidden  # offloaded: save_on_cpu moves it to host memory
+            stored += (layer_input + held) * T  # non-reentrant checkpoint keeps the layer input (+ what bnb holds)
             ckpt_token = max(ckpt_token, BF16 * inv.hidden + held)
         else:
             acts = layer_activations(inv, layer, s, first=k == 0)
