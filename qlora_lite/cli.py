@@ -94,6 +94,8 @@ def _add_export(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--verify", action="store_true", help="compare the merged model's logits with base + adapter")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the base directory (config.json auto_map); only for code you trust")
     p.set_defaults(handler=_cmd_export)
 
 
@@ -107,7 +109,7 @@ def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     result = run_export(
         args.base, args.adapter, args.out, args.dtype, args.merge_into,
-        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     say(
         f"merged {result.merged_tensors} LoRA weights into the {result.merge_into} base: {result.path} "
@@ -156,7 +158,7 @@ def _add_memory(sub) -> None:
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
     p.add_argument("--optimizer", default="paged_adamw_8bit", help="paged_adamw_8bit, adamw_8bit or adamw")
     p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="lm_head + cross-entropy in chunks of 256 tokens, as the trainer does by default")
+                   help="lm_head + cross-entropy in chunks of 128 tokens, as the trainer does by default")
     p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs kept in CPU memory")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--padding", action="store_true", help="micro-batches contain padding (an attention mask is built)")
@@ -292,11 +294,34 @@ def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
+COMMANDS = ("train", "export", "memory", "demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as one-line `UsageError`s (argparse prints usage and exits by itself)."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        from .errors import UsageError
+
+        choices = ", ".join(COMMANDS)
+        bad = re.match(r"argument \{[^}]*\}: invalid choice: '([^']*)'", message)
+        if bad:
+            close = difflib.get_close_matches(bad.group(1), COMMANDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"unknown command {bad.group(1)!r}{hint}; choose one of {choices}.")
+        if message.startswith("the following arguments are required: {"):
+            raise UsageError(f"no command given; run `{self.prog} COMMAND` with COMMAND one of {choices} (see --help).")
+        raise UsageError(f"{message}; see `{self.prog} --help`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `qlora-lite` argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(prog="qlora-lite", description="QLoRA fine-tuning on one constrained GPU.")
+    parser = _Parser(prog="qlora-lite", description="QLoRA fine-tuning on one constrained GPU.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="{train,export,memory,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
     for add in (_add_train, _add_export, _add_memory, _add_demo):
         add(sub)
@@ -314,7 +339,7 @@ def _split_overrides(extra: list[str]) -> dict[str, str]:
         key = token[2:]
         if "=" in key:
             key, value = key.split("=", 1)
-        elif i + 1 < len(extra):
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             i += 1
             value = extra[i]
         else:
@@ -324,23 +349,45 @@ def _split_overrides(extra: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _print_error(exc: BaseException | str) -> None:
+    """`error: <message>` as one line on stderr (message text is not read as rich markup), plus the memory
+    advice of an out-of-memory error."""
+    from rich.text import Text
+
+    from .errors import OutOfMemoryError
+
+    console = _console(stderr=True)
+    console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
+    if isinstance(exc, OutOfMemoryError) and exc.advice is not None:
+        for line in exc.advice.lines():
+            console.print(Text(line), soft_wrap=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `qlora-lite` and `python -m qlora_lite`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    debug = args.debug or "--debug" in extra
-    extra = [e for e in extra if e != "--debug"]
-    _quiet_libraries()
-    handler: Callable = args.handler
     try:
+        args, extra = parser.parse_known_args(argv)
+        extra = [e for e in extra if e != "--debug"]
+        _quiet_libraries()
+        handler: Callable = args.handler
         if extra and not getattr(args, "accepts_overrides", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            from .errors import UsageError
+
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see `qlora-lite {args.command} --help`.")
         return int(handler(args, _split_overrides(extra)) or 0)
     except QloraLiteError as exc:
         if debug:
             raise
-        _console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        _print_error(exc)
         return exc.exit_code
+    except OSError as exc:  # the file system refused a read or write the input checks could not foresee
+        if debug:
+            raise
+        _print_error(f"{exc}; check that path, its permissions and the free disk space.")
+        return 2
     except KeyboardInterrupt:
         _console(stderr=True).print("interrupted")
         return 130

@@ -7,6 +7,7 @@ Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ class TrainSettings:
     max_grad_norm: float = _setting(1.0, "gradient-norm clipping (0 turns it off)")
     gradient_checkpointing: bool = _setting(True, "recompute each decoder layer in backward instead of storing activations")
     offload_activations: bool = _setting(False, "keep each checkpointed layer's input in CPU memory (long sequences on small GPUs)")
-    loss_chunk_tokens: int = _setting(256, "tokens per chunk of lm_head + cross-entropy, so full-vocabulary logits never exist (0: unchunked)")
+    loss_chunk_tokens: int = _setting(128, "tokens per chunk of lm_head + cross-entropy, so full-vocabulary logits never exist (0: unchunked)")
     seed: int = _setting(0, "seed for data order, dropout and adapter init")
     log_every: int = _setting(10, "steps between metrics.jsonl lines")
     eval_every: int = _setting(50, "steps between eval passes (0: only at the end)")
@@ -194,14 +195,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key} got {value!r}; expected a number.")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} got {value!r}; expected a number such as 2e-4.")
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(f"{key} got {value!r}; expected a finite number such as 2e-4.")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -227,7 +231,13 @@ def valid_keys() -> list[str]:
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to values, got {data!r}.")
+        if not prefix:
+            raise ConfigError(f"the config must be a mapping of keys to values, got {data!r}; write `key: value` lines.")
+        section = prefix.rstrip(".")
+        raise ConfigError(
+            f"config section {section!r} must be a mapping of keys to values, got {data!r}; "
+            f"write it as indented `key: value` lines under `{section}:`."
+        )
     types_ = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
@@ -260,7 +270,10 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"config section {part!r} must be a mapping.")
+                raise ConfigError(
+                    f"config section {part!r} must be a mapping of keys to values, got {node!r}; "
+                    f"write it as indented `key: value` lines under `{part}:`."
+                )
         node[parts[-1]] = value
     return out
 
@@ -274,12 +287,30 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Tr
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory; give the path of a YAML training config file.")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; give the path of a YAML training config.")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax.") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} line {line} is not UTF-8 text ({exc.reason}); save the file as UTF-8.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}{where} is not valid YAML ({problem}); fix its syntax.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} holds a YAML {type(data).__name__}, not a mapping of settings; "
+            "write `key: value` lines such as `model: path/to/model` (see examples/qlora_instruct.yaml)."
+        )
     data = apply_overrides(data, overrides or {})
     config = config_from_dict(data)
     base = path.parent

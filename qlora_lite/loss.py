@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 256  # 256 x 128k vocab x fp32 = 128 MiB of logits per chunk
+DEFAULT_CHUNK_TOKENS = 128  # 128 tokens x 128k vocab x fp32 = 64 MiB of logits per chunk
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -34,28 +34,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not bool(valid.any()):
                 continue
             h = hidden[rows]
-            raw = (h @ weight.t()).float()
+            logits = (h @ weight.t()).float()  # the one [chunk, vocab] fp32 buffer; reused for the softmax below
             if bias is not None:
-                raw = raw + bias.float()
-            logits = softcap * torch.tanh(raw / softcap) if softcap else raw
+                logits += bias.float()
+            capped_tanh = None
+            if softcap:
+                capped_tanh = torch.tanh(logits / softcap)
+                logits = capped_tanh * softcap
             safe_target = target.masked_fill(~valid, 0)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
             total += ((lse - picked) * valid).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
-            # d(loss)/d(logits) = softmax - one_hot, zero on ignored rows, divided by the normaliser
-            grad_logits = torch.softmax(logits, dim=-1)
+            # d(loss)/d(logits) = softmax - one_hot, zero on ignored rows, divided by the normaliser (in place)
+            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
             grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), safe_target] -= 1.0
             grad_logits *= (valid.float() / normalizer).unsqueeze(1)
-            if softcap:
-                grad_logits *= 1.0 - torch.tanh(raw / softcap) ** 2
+            if capped_tanh is not None:
+                grad_logits *= 1.0 - capped_tanh.square_()
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ h.float()
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+            del logits, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         return total / normalizer

@@ -45,7 +45,7 @@ BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer pag
 CUBLAS_WORKSPACE = 32 * MiB  # torch's default cuBLAS workspace on sm90 (CUBLAS_WORKSPACE_CONFIG=:4096:8), per handle
 CUDA_CONTEXT = 500 * MiB  # CUDA 12 context + kernels loaded lazily; typically 300-600 MiB, outside torch's allocator
 ALLOCATOR_SLACK = 0.03  # caching-allocator rounding/splitting on top of the phase model (uncalibrated guess, see docs)
-DEFAULT_LOSS_CHUNK = 256  # tokens per lm_head + cross-entropy chunk when chunked_loss is on
+DEFAULT_LOSS_CHUNK = 128  # tokens per lm_head + cross-entropy chunk when chunked_loss is on
 
 # ----------------------------------------------------------------------------------------- settings
 
@@ -66,7 +66,7 @@ class RunSettings:
     gradient_checkpointing: bool = True
     grad_accum: int = 4  # micro-batches per optimizer step: > 1 keeps fp32 gradients across forwards
     optimizer: str = "paged_adamw_8bit"
-    chunked_loss: bool = True  # the trainer's default (train.loss_chunk_tokens = 256)
+    chunked_loss: bool = True  # the trainer's default (train.loss_chunk_tokens = 128)
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK
     offload_activations: bool = False  # checkpointed layer inputs held in pinned CPU memory (train.offload_activations)
     attn_implementation: str | None = None  # None: what transformers picks for the config (sdpa, or eager)
@@ -583,6 +583,9 @@ def loss_bytes(inv: Inventory, s: RunSettings) -> tuple[int, int, int]:
     peak = 3 * FP32 * logits + softcap  # log_softmax backward: grad in, saved output, grad out (fp32)
     kept = FP32 * logits + softcap + 2 * FP32  # saved log-probs (+ tanh), nll's total_weight, the loss
     if s.chunked_loss:
+        # qlora_lite.loss per chunk: fp32 logits reused in place for the softmax, plus logsumexp's fp32 temporary
+        # (the bf16 matmul output and the bf16 logit gradient are smaller and live beside the fp32 buffer only)
+        peak = 2 * FP32 * logits + (FP32 * logits if inv.arch.final_softcap else 0)
         peak += BF16 * inv.hidden * s.tokens  # gradient of the final hidden states, accumulated chunk by chunk
         kept = 2 * FP32
     cached = BF16 * logits  # the bf16 logits' block, freed before the fp32 ones are, too small to reuse (CUDA)

@@ -75,15 +75,16 @@ def build_qlora(model_dir: Path, device, args):
     from qlora_lite import apply_lora, load_quantized
     from qlora_lite.loss import causal_lm_loss
     from qlora_lite.optim import AdapterOptimizer
+    from qlora_lite.train import enable_gradient_checkpointing
 
     model, _ = load_quantized(model_dir, bits=4, quant_type="nf4", double_quant=True, device=device, load_tokenizer=False)
     apply_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", seed=args.seed)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model, offload=args.offload)
     model.train()
     optimizer = AdapterOptimizer(model.parameters(), args.optimizer, lr=args.lr)
 
     def loss_fn(ids):
-        return causal_lm_loss(model, ids, ids)
+        return causal_lm_loss(model, ids, ids, chunk_size=args.loss_chunk)  # the trainer's loss path
 
     return model, optimizer, loss_fn
 
@@ -136,7 +137,8 @@ def child(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # both sides under bf16 autocast, as qlora-lite's trainer (train.bf16) and the usual Trainer(bf16=True) run
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     losses, times = [], []
     for ids in batches:
         start = time.perf_counter()
@@ -163,8 +165,9 @@ def child(args) -> dict:
 
 def run_side(side: str, model_dir: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir)]
-    for key in ("device", "model", "seq_len", "micro_batch", "steps", "warmup", "rank", "alpha", "lr", "optimizer", "seed"):
+    for key in ("device", "model", "seq_len", "micro_batch", "steps", "warmup", "rank", "alpha", "lr", "optimizer", "seed", "loss_chunk"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--offload"] if args.offload else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -182,7 +185,7 @@ def summarize(runs: list[dict], args) -> None:
         keys += [("max_allocated", "peak allocated GiB", gib), ("max_reserved", "peak reserved GiB", gib)]
     keys += [("train_peak_rss", "peak RSS (train) GiB", gib), ("load_peak_rss", "peak RSS (load) GiB", gib)]
     print(f"device={args.device} model={args.model} seq={args.seq_len} micro_batch={args.micro_batch} steps={args.steps} "
-          f"rank={args.rank} optimizer={args.optimizer} repeats={args.repeats}")
+          f"rank={args.rank} optimizer={args.optimizer} repeats={args.repeats} loss_chunk={args.loss_chunk} offload={args.offload}")
     print(f"{'metric':<24}{'qlora-lite':>14}{'baseline':>14}{'ratio':>10}")
     for key, label, scale in keys:
         a, b = med("qlora", key), med("baseline", key)
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--optimizer", default="adamw_8bit", choices=["paged_adamw_8bit", "adamw_8bit", "adamw"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-chunk", type=int, default=128, help="qlora-lite's train.loss_chunk_tokens (0: full logits)")
+    parser.add_argument("--offload", action="store_true", help="qlora-lite's train.offload_activations")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
