@@ -106,10 +106,14 @@ def load_records(source: str | Path) -> list[tuple[str, dict]]:
         raise DataError(f"data file {source} does not exist{hint}; give the path of a JSONL file.")
     if path.is_dir():
         raise DataError(f"{path} is a directory; give the path of a .jsonl or .json data file.")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is allowed and dropped
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 JSONL.") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line} is not UTF-8 text ({exc.reason} at byte {exc.start} of the file); save the file as UTF-8."
+        ) from None
     if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
         try:
             data = json.loads(text)

@@ -28,7 +28,10 @@ from torch import nn
 from . import quant
 from .config import QuantConfig
 from .errors import AdapterError, ConfigError, ExportError
-from .files import SafetensorsFile, atomic_dir, atomic_file, save_safetensors_atomic, weight_files, write_json_atomic
+from .files import (
+    DirectoryLock, SafetensorsFile, atomic_dir, atomic_file, fault_point, remove_stale_temps, save_safetensors_atomic,
+    weight_files, write_json_atomic,
+)
 from .lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
 
 PEFT_PREFIX = "base_model.model."
@@ -650,7 +653,12 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _write_output(plan: ExportPlan, tmp: Path, device: torch.device) -> None:
+    written = 0
+
     def produce(item: _Item) -> torch.Tensor:
+        nonlocal written
+        fault_point("in-export", written)  # `written` tensors are already in the output (crash tests)
+        written += 1
         if item.lora is not None or item.dequantize:
             return _merged_tensor(item, plan, device)
         return _copied_tensor(item)
@@ -687,11 +695,18 @@ def run_export(
     )  # fmt: skip
     # Quantize where training did (CUDA when present), so the bytes match the trained model's.
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        with torch.no_grad(), atomic_dir(plan.out_dir, overwrite=plan.replace_existing) as tmp:
-            _write_output(plan, tmp, device)
-    except OSError as exc:
-        raise ExportError(f"writing the merged model to {plan.out_dir} failed ({exc}); check free disk space and permissions.") from None
+    # One export per output dir. The lock file sits beside the dir, which is renamed into place whole.
+    with DirectoryLock(plan.out_dir, purpose="qlora-lite export", beside=True):
+        replace = _check_out_dir(plan.out_dir, plan.base_dir, plan.adapter_dir, overwrite)  # again, now that we hold it
+        remove_stale_temps(plan.out_dir)  # half-written outputs of killed exports
+        try:
+            with torch.no_grad(), atomic_dir(plan.out_dir, overwrite=replace) as tmp:
+                _write_output(plan, tmp, device)
+        except OSError as exc:
+            raise ExportError(
+                f"writing the merged model to {plan.out_dir} failed ({exc}); nothing was changed there, "
+                "free disk space or fix permissions and export again."
+            ) from None
     return ExportResult(
         path=plan.out_dir,
         shard_files=plan.shard_names,

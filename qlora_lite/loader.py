@@ -92,11 +92,29 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as exc:
         import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        model_type = raw.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ModelLoadError(
+                f"{model_dir / 'config.json'} declares model_type {model_type!r}, which transformers "
+                f"{transformers.__version__} does not know; upgrade transformers (pip install -U transformers) or use a supported model."
+            ) from None
         raise ModelLoadError(
-            f"{model_dir / 'config.json'} declares model_type {raw.get('model_type')!r}, which transformers "
-            f"{transformers.__version__} cannot build ({str(exc).splitlines()[0][:120]}); upgrade transformers or use a supported model."
+            f"{model_dir / 'config.json'} is not a valid {model_type!r} config ({_first_sentence(exc)}); fix or re-download it."
         ) from None
+    except (OSError, ImportError) as exc:  # trust_remote_code on, but the code files auto_map names are missing or broken
+        raise ModelLoadError(
+            f"the model code of {model_dir} cannot be loaded ({_first_sentence(exc)}); add the files config.json's auto_map "
+            "names, or use a model that transformers supports without remote code."
+        ) from None
+
+
+def _first_sentence(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's message, for embedding in one-line errors."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
