@@ -28,6 +28,7 @@ class RichReporter(Reporter):
         self.task = None
 
     def on_start(self, info: dict) -> None:
+        from rich.markup import escape
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         stats = info["train"]
@@ -42,9 +43,11 @@ class RichReporter(Reporter):
             line += f", {stats.dropped_no_target} dropped (no target token left after truncation)"
         if info["eval"] is not None:
             line += f"; eval: {info['eval'].sequences} sequences"
+        for notice in info.get("notices", []):
+            line += f"\n{escape(notice)}"
         if info["resumed_from"] is not None:
             line += f"\nresuming from step {info['resumed_from']}"
-        self.console.print(line)
+        self.console.print(line, soft_wrap=True)
         self.progress = Progress(
             TextColumn("[bold blue]{task.description}"),
             BarColumn(),

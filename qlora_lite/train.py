@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +28,15 @@ from .config import TrainConfig, TrainSettings, load_config
 from .data import BatchOrder, DatasetStats, TokenizedDataset, collate, pad_id, prepare_data, target_count
 from .errors import ConfigError, DataError, TrainingError
 from .export import save_adapter
-from .files import DirectoryLock, atomic_dir, atomic_file, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from .files import (
+    KILL_ENV, DirectoryLock, atomic_dir, atomic_file, fault_point, file_sha256, remove_stale_temps, save_safetensors_atomic,
+    write_json_atomic, write_text_atomic,
+)
 from . import loader
 from .loader import default_device
 from .lora import apply_lora, count_parameters
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
+from .oom import oom_fault_point, oom_message, out_of_memory_error
 from .optim import AdapterOptimizer
 
 COMPLETE_MARKER = "COMPLETE"
@@ -44,8 +46,9 @@ RESUME_KEYS = (
     "model", "quant", "lora", "data.train", "data.eval", "data.eval_fraction", "data.max_seq_len",
     "data.truncation", "data.packing", "train.micro_batch_size", "train.grad_accum", "train.optimizer", "train.seed",
 )
-# Fault injection for the crash tests: "after-checkpoint:N" or "in-checkpoint:N" SIGKILLs the process there.
-KILL_ENV = "QLORA_LITE_TEST_KILL"
+# Fault injection for the crash tests (files.KILL_ENV / files.ENOSPC_ENV): "in-checkpoint:N", "after-checkpoint:N"
+# and "in-final-adapter:N" (N = step) SIGKILL the process there or fail there with ENOSPC. KILL_ENV is imported
+# above so the tests keep finding it here.
 
 
 @dataclass
@@ -66,6 +69,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     history: list[dict] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # what resume found and did (skipped checkpoints, leftovers)
 
 
 class Reporter:
@@ -196,8 +200,7 @@ def evaluate(
 
 # ---------------------------------------------------------------------------------- checkpoints
 def _fault_point(point: str, step: int) -> None:
-    if os.environ.get(KILL_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault_point(point, step)
 
 
 def _fingerprint(config: TrainConfig) -> dict:
@@ -256,21 +259,46 @@ def save_checkpoint(root: Path, step: int, model, optimizer: AdapterOptimizer, t
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
         _fault_point("in-checkpoint", step)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        write_json_atomic(tmp / COMPLETE_MARKER, {"step": step, "files": files})
+        # sizes and digests let resume tell a complete checkpoint from one whose files were damaged after the fact
+        checksums = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in files}
+        write_json_atomic(tmp / COMPLETE_MARKER, {"step": step, "files": files, "checksums": checksums})
     return final
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (no marker, a listed file missing, truncated or
+    changed since it was written), or None when every file matches the size and sha256 its marker records."""
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} marker"
+    try:
+        record = json.loads(marker.read_text())
+        listed = [str(name) for name in record["files"]]
+        checksums = record.get("checksums") or {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"unreadable {COMPLETE_MARKER} marker"
+    for name in listed:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        expected = checksums.get(name)
+        if expected is None:
+            continue  # a checkpoint from before checksums were recorded: presence is all that can be checked
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            return f"{name} has {size} bytes where {COMPLETE_MARKER} records {expected.get('bytes')}"
+        if file_sha256(file) != expected.get("sha256"):
+            return f"the sha256 of {name} differs from the one {COMPLETE_MARKER} records"
+    return None
 
 
 def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.device) -> dict:
     """Load optimizer (and with it the adapter weights) and RNG states from a checkpoint; return its trainer state."""
     from .files import SafetensorsFile
 
-    marker = path / COMPLETE_MARKER
-    if not marker.is_file():
-        raise TrainingError(f"checkpoint {path} has no {COMPLETE_MARKER} marker, so it may be half-written; delete it and resume again.")
-    listed = json.loads(marker.read_text())["files"]
-    missing = [name for name in listed if not (path / name).is_file()]
-    if missing:
-        raise TrainingError(f"checkpoint {path} lacks {missing[0]}; delete that checkpoint and resume from an older one.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainingError(f"checkpoint {path} cannot be resumed from ({problem}); delete it and resume from an older one.")
     state = json.loads((path / "trainer_state.json").read_text())
     saved = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(saved)
@@ -287,16 +315,43 @@ def _prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _clear_incomplete(output_dir: Path) -> None:
-    """Remove leftovers of a killed write: temporary dirs and step-N dirs without the marker."""
+def find_resume_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that passes `checkpoint_problem`, and one notice for each thing skipped or removed.
+
+    Leftovers of killed writes (`.step-N.*.tmp` dirs, step-N dirs without the marker, a half-written final
+    adapter) and checkpoints whose files do not match their marker are deleted, so pruning never counts them
+    as kept checkpoints. Only checkpoints newer than the chosen one are checksummed.
+    """
+    notices: list[str] = []
     root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return
-    for path in root.iterdir():
-        half_written = path.name.startswith(".") and path.name.endswith(".tmp")
-        unmarked = CHECKPOINT_PATTERN.match(path.name) and not (path / COMPLETE_MARKER).is_file()
-        if path.is_dir() and (half_written or unmarked):
+    steps = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        half_written = re.match(r"^\.step-(\d+)\..+\.tmp$", path.name)
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if path.is_dir() and half_written:
+            notices.append(f"skipped incomplete checkpoint step-{half_written.group(1)} (no {COMPLETE_MARKER} marker, "
+                           "its write was interrupted) and removed it")
             shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir() and match:
+            steps.append((int(match.group(1)), path))
+    chosen = None
+    for step, path in sorted(steps, reverse=True):
+        marked = (path / COMPLETE_MARKER).is_file()
+        if marked and chosen is not None:
+            continue
+        problem = checkpoint_problem(path) if marked else f"no {COMPLETE_MARKER} marker"
+        if problem is None:
+            chosen = path
+            continue
+        notices.append(f"skipped {'corrupted' if marked else 'incomplete'} checkpoint step-{step} ({problem}) and removed it")
+        shutil.rmtree(path, ignore_errors=True)
+    for leftover in remove_stale_temps(output_dir / "adapter"):
+        notices.append(f"removed {leftover.name}, left by an interrupted write of the final adapter")
+    for name in ("metrics.jsonl", "config.yaml"):
+        remove_stale_temps(output_dir / name)
+    if chosen is None:
+        notices.append(f"found no complete checkpoint in {root}, so training starts from step 0")
+    return chosen, notices
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -365,10 +420,10 @@ def _prepare(config: TrainConfig, device: torch.device):
     """
     s = config.train
     model_dir = loader.check_model_dir(config.model)
+    model_config = loader.load_config(model_dir, config.trust_remote_code)  # before the tokenizer, which reads it too
     tokenizer = loader.load_tokenizer_from(model_dir, config.trust_remote_code)
     if tokenizer is None:
         raise DataError(f"the model directory {model_dir} has no tokenizer files; copy the tokenizer next to config.json.")
-    model_config = loader.load_config(model_dir, config.trust_remote_code)
     context = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "max_position_embeddings", None)
     if context and config.data.max_seq_len > context:
         raise ConfigError(
@@ -401,7 +456,23 @@ def train(config: TrainConfig | str | Path, *, resume: bool = False, reporter: R
     config = _as_config(config)
     # One process per run dir: a second `train` on it would interleave checkpoints and metrics.
     with DirectoryLock(config.output_dir, purpose="qlora-lite train"):
-        return _train_locked(config, resume, reporter or Reporter())
+        try:
+            return _train_locked(config, resume, reporter or Reporter())
+        except torch.OutOfMemoryError as exc:
+            failure = oom_message(exc)  # only the text: the traceback holds the failed step's tensors
+    # Raised outside the handler, so those tensors are freed before anything else runs.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise out_of_memory_error(config, failure, default_device(), latest_checkpoint(config.output_dir))
+
+
+def _write_failed(what: str, out: Path, exc: OSError, last_good: Path | None) -> TrainingError:
+    """A failed write (disk full, permissions) as one sentence; atomic writes left the previous files intact."""
+    where = f"the last complete checkpoint is {last_good}" if last_good else "no checkpoint had been written yet"
+    return TrainingError(
+        f"writing {what} in {out} failed ({exc}); nothing partial was kept and {where}; "
+        "free disk space or fix permissions, then run again with --resume."
+    )
 
 
 def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> TrainResult:
@@ -417,9 +488,7 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
     pad = pad_id(tokenizer)
 
     step, window_sum, window_steps, tokens_total, resumed_from = 0, 0.0, 0, 0, None
-    start_from = latest_checkpoint(out) if resume else None
-    if resume:
-        _clear_incomplete(out)
+    start_from, notices = find_resume_checkpoint(out) if resume else (None, [])
     if start_from is not None:
         state = json.loads((start_from / "trainer_state.json").read_text())
         _check_resume_settings(state, config, start_from)
@@ -437,7 +506,7 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
     reporter.on_start({
         "max_steps": s.max_steps, "start_step": step, "resumed_from": resumed_from, "device": str(device),
         "optimizer": optimizer.name, "train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None,
-        "trainable_params": trainable, "total_params": total, "output_dir": str(out),
+        "trainable_params": trainable, "total_params": total, "output_dir": str(out), "notices": notices,
     })
 
     last_good = start_from
@@ -452,6 +521,7 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
             group["lr"] = lr
         batches = [collate([train_ds.examples[i] for i in order.next_indices()], pad) for _ in range(s.grad_accum)]
         loss_value = accumulate_gradients(model, batches, optimizer, device, s.bf16, s.loss_chunk_tokens)
+        oom_fault_point(step)
         grad_norm = optimizer.clip_grad_norm_(s.max_grad_norm) if math.isfinite(loss_value) else float("nan")
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint had been written yet"
@@ -488,7 +558,10 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
                 "window_loss_sum": window_sum, "window_steps": window_steps, "tokens": tokens_total,
                 "fingerprint": _fingerprint(config),
             }
-            last_good = save_checkpoint(out / "checkpoints", step, model, optimizer, trainer_state)
+            try:
+                last_good = save_checkpoint(out / "checkpoints", step, model, optimizer, trainer_state)
+            except OSError as exc:
+                raise _write_failed(f"checkpoint step-{step}", out, exc, last_good) from None
             _prune_checkpoints(out, s.keep_checkpoints)
             reporter.on_checkpoint(step, last_good)
             _fault_point("after-checkpoint", step)
@@ -496,8 +569,12 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
     if eval_ds is not None and last_eval is None:  # resumed at max_steps: report the final adapter's eval
         eval_loss, _ = evaluate(model, eval_ds, s.micro_batch_size, pad, device, s.bf16, s.loss_chunk_tokens)
         last_eval = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 80.0))}
-    with atomic_dir(out / "adapter", overwrite=True) as tmp:
-        save_adapter(model, tmp)
+    try:
+        with atomic_dir(out / "adapter", overwrite=True) as tmp:  # old adapter/ or new, never a partial one
+            save_adapter(model, tmp)
+            _fault_point("in-final-adapter", step)
+    except OSError as exc:
+        raise _write_failed("the final adapter", out, exc, last_good) from None
     history = metrics.read()
     if last_train_loss is None:
         last_train_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
@@ -506,7 +583,7 @@ def _train_locked(config: TrainConfig, resume: bool, reporter: Reporter) -> Trai
         eval_loss=last_eval["eval_loss"] if last_eval else None, eval_perplexity=last_eval["eval_ppl"] if last_eval else None,
         resumed_from=resumed_from, tokens=tokens_total, seconds=time.perf_counter() - started,
         data=train_ds.stats, eval_data=eval_ds.stats if eval_ds else None, trainable_params=trainable, total_params=total,
-        history=history,
+        history=history, notices=notices,
     )
     reporter.on_end(result)
     return result
