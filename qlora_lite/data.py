@@ -130,7 +130,8 @@ def load_records(source: str | Path) -> list[tuple[str, dict]]:
             try:
                 rec = json.loads(line)
             except ValueError as exc:
-                raise DataError(f"{path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line.") from None
+                problem = exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg  # "Unterminated string starting at"
+                raise DataError(f"{path} line {number} is not valid JSON ({problem} at column {exc.colno}); fix or remove that line.") from None
             records.append((f"{path} line {number}", rec))
     for where, rec in records:
         if not isinstance(rec, dict):
