@@ -76,7 +76,8 @@ class Reporter:
     """Receives training events; this base ignores them. cli passes a subclass that renders progress."""
 
     def on_start(self, info: dict) -> None:
-        """Run facts before the first step: steps, data statistics, parameter counts, device, resume step."""
+        """Run facts before the first step: steps, data statistics, parameter counts, device, resume step, and
+        `notices`: what resume found and did (checkpoints skipped as incomplete or corrupted, leftovers removed)."""
 
     def on_step(self, record: dict) -> None:
         """After every optimizer step: step, loss, lr, grad_norm, tokens_per_s, epoch (and mem_gib on CUDA)."""
