@@ -6,6 +6,7 @@ and peft use, so packed bytes and forward numerics match that stack exactly.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -14,6 +15,9 @@ from torch import nn
 
 from .errors import ConfigError
 
+# On AVX512-BF16 CPUs bitsandbytes logs at import that an optional hub-downloaded kernel is missing; it falls
+# back to its own kernel, and the notice would otherwise precede every command's output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import bitsandbytes as bnb
