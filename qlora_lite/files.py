@@ -15,6 +15,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -168,6 +169,16 @@ def weight_files(model_dir: Path) -> list[Path]:
             "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)` in a trusted environment."
         )
     raise ModelLoadError(f"{model_dir} has no *.safetensors weight files; point to a Hugging Face model directory.")
+
+
+def largest_tensor_numel(model_dir: str | Path) -> int:
+    """Element count of the largest tensor among a model dir's safetensors shards (headers only)."""
+    largest = 0
+    for path in weight_files(Path(model_dir)):
+        st = SafetensorsFile(path)
+        for key in st.keys():
+            largest = max(largest, math.prod(st.shape(key)))
+    return largest
 
 
 def _fsync_dir(path: Path) -> None:

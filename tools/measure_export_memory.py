@@ -123,17 +123,9 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int, shard_size: st
 
 def largest_tensor_fp32(model_dir: Path) -> int:
     """Bytes of the checkpoint's largest tensor in fp32."""
-    from qlora_lite.files import SafetensorsFile, weight_files
+    from qlora_lite.files import largest_tensor_numel
 
-    largest = 0
-    for path in weight_files(model_dir):
-        st = SafetensorsFile(path)
-        for key in st.keys():
-            n = 1
-            for d in st.shape(key):
-                n *= d
-            largest = max(largest, 4 * n)
-    return largest
+    return 4 * largest_tensor_numel(model_dir)
 
 
 def largest_file(model_dir: Path) -> int:
