@@ -587,7 +587,7 @@ def loss_bytes(inv: Inventory, s: RunSettings) -> tuple[int, int, int]:
         # (the bf16 matmul output and the bf16 logit gradient are smaller and live beside the fp32 buffer only)
         peak = 2 * FP32 * logits + (FP32 * logits if inv.arch.final_softcap else 0)
         peak += BF16 * inv.hidden * s.tokens  # gradient of the final hidden states, accumulated chunk by chunk
-        kept = 2 * FP32
+        kept = BF16 * inv.hidden * s.tokens + 2 * FP32  # that gradient waits for backward, with the loss
     cached = BF16 * logits  # the bf16 logits' block, freed before the fp32 ones are, too small to reuse (CUDA)
     return peak, kept, cached
 

@@ -80,3 +80,12 @@ class AllocationTracker(TorchDispatchMode):
         for tensor in _fresh_outputs(func, out):
             self._track(tensor)
         return out
+
+
+def unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared tables and tied weights counted once)."""
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

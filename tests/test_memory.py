@@ -15,21 +15,12 @@ from qlora_lite.loss import causal_lm_loss
 from qlora_lite.lora import apply_lora
 from qlora_lite.memory import GiB, build_inventory, estimate_memory, preset_names
 from qlora_lite.memory_advice import advise, parse_budget
-from qlora_lite.memory_probe import AllocationTracker
+from qlora_lite.memory_probe import AllocationTracker, unique_bytes
 from qlora_lite.optim import AdapterOptimizer
 from qlora_lite.quant import is_quantized_linear, module_weight_bytes, weight_bytes_4bit
 
 # hidden 256 with r = 16 gives lora_A tensors of 16 x 256 = 4096 elements: bitsandbytes' 8-bit state threshold
 BIG = dict(hidden_size=256, vocab_size=512)
-
-
-def unique_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (shared qmaps and tied weights once)."""
-    seen = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 def load(model_dir, bits=4, double_quant=True):

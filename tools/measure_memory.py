@@ -36,14 +36,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_lite.loader import load_quantized  # noqa: E402
 from qlora_lite.lora import apply_lora  # noqa: E402
 from qlora_lite.memory import GiB, PRESET_DIR, estimate_memory, preset_names  # noqa: E402
-from qlora_lite.memory_probe import AllocationTracker  # noqa: E402
+from qlora_lite.memory_probe import AllocationTracker, unique_bytes  # noqa: E402
 from qlora_lite.optim import AdapterOptimizer  # noqa: E402
 from qlora_lite.quant import is_quantized_linear, module_weight_bytes  # noqa: E402
 
@@ -94,21 +93,21 @@ def prepare(model_dir: Path, bits: int, rank: int, targets, checkpointing: bool,
     return model, opt
 
 
-def loss_sum(model, ids: torch.Tensor, device: str) -> torch.Tensor:
-    """The trainer's loss: logits from the model, then fp32 cross-entropy of the next token (train._forward_loss_sum)."""
+def loss_sum(model, ids: torch.Tensor, device: str, loss_chunk: int = 128) -> torch.Tensor:
+    """The trainer's loss (train._forward_loss_sum): chunked lm_head + fp32 cross-entropy, summed; bf16 autocast on CUDA."""
+    from qlora_lite.loss import causal_lm_loss
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="sum")
+        return causal_lm_loss(model, ids, ids, torch.ones_like(ids), chunk_size=loss_chunk, normalizer=1.0)
 
 
-def train_steps(model, opt, ids: torch.Tensor, steps: int, grad_accum: int, device: str) -> None:
+def train_steps(model, opt, ids: torch.Tensor, steps: int, grad_accum: int, device: str, loss_chunk: int = 128) -> None:
     """`steps` optimizer steps of `grad_accum` micro-batches each, as in qlora_lite.train."""
     tokens = grad_accum * ids[:, 1:].numel()
     for _ in range(steps):
         for _ in range(grad_accum):
-            loss = loss_sum(model, ids, device) / tokens
+            loss = loss_sum(model, ids, device, loss_chunk) / tokens
             loss.backward()
             del loss
             opt.accumulate_grads()
@@ -126,7 +125,8 @@ def measure_cuda(args, model_dir: Path) -> list[dict]:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     for bits, seq_len, batch_size, checkpointing in GRIDS[args.grid]:
         settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, gradient_checkpointing=checkpointing,
-                        rank=args.rank, targets=args.targets, optimizer=args.optimizer, grad_accum=args.grad_accum)
+                        rank=args.rank, targets=args.targets, optimizer=args.optimizer, grad_accum=args.grad_accum,
+                        chunked_loss=args.loss_chunk > 0, loss_chunk_tokens=args.loss_chunk or 128)
         report = estimate_memory(model_dir, **settings)
         row = {"bits": bits, "seq_len": seq_len, "batch_size": batch_size, "checkpointing": checkpointing,
                "predicted_allocated": report.allocated_peak - report.paged_bytes,
@@ -141,7 +141,7 @@ def measure_cuda(args, model_dir: Path) -> list[dict]:
             torch.cuda.empty_cache()  # drop the loader's cached blocks: measure the training steps' own pattern
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-            train_steps(model, opt, ids, args.steps, args.grad_accum, "cuda")
+            train_steps(model, opt, ids, args.steps, args.grad_accum, "cuda", args.loss_chunk)
             torch.cuda.synchronize()
             free, total = torch.cuda.mem_get_info()
             row.update(
@@ -185,15 +185,6 @@ def print_row(row: dict, tolerance: float) -> None:
 # ------------------------------------------------------------------------------------------- CPU
 
 
-def unique_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors`."""
-    seen = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 def measure_cpu(args, model_dir: Path) -> list[dict]:
     """Exact non-activation components, plus stored activations and the live-bytes peak, on the CPU."""
     rows = []
@@ -201,7 +192,8 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
     for bits, seq_len, batch_size, checkpointing in grid:
         report = estimate_memory(model_dir, bits=bits, seq_len=seq_len, batch_size=batch_size, rank=args.rank,
                                  targets=args.targets, gradient_checkpointing=checkpointing, optimizer=args.optimizer,
-                                 grad_accum=args.grad_accum, device="cpu")
+                                 grad_accum=args.grad_accum, device="cpu", chunked_loss=args.loss_chunk > 0,
+                                 loss_chunk_tokens=args.loss_chunk or 128)
         model, opt = prepare(model_dir, bits, args.rank, args.targets, checkpointing, args.optimizer, "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         quantized = [m for m in model.modules() if is_quantized_linear(m)]
@@ -209,7 +201,7 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
         ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
         before = unique_bytes(list(model.parameters()) + list(model.buffers()) + opt.masters)
         with AllocationTracker() as tracker:
-            loss = loss_sum(model, ids, "cpu")
+            loss = loss_sum(model, ids, "cpu", args.loss_chunk)
             stored = tracker.current
             loss.backward()
             del loss
@@ -218,7 +210,7 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
             fp32_grads = unique_bytes(m.grad for m in opt.masters)
             opt.step()
             opt.zero_grad()
-            train_steps(model, opt, ids, args.steps, args.grad_accum, "cpu")
+            train_steps(model, opt, ids, args.steps, args.grad_accum, "cpu", args.loss_chunk)
         exact = {
             "quantized_weights": sum(module_weight_bytes(m) for m in quantized),
             "unquantized_weights": unique_bytes(p for p in model.parameters() if id(p) not in qweights and not p.requires_grad),
@@ -262,6 +254,7 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer", default="paged_adamw_8bit")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per grid point")
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    parser.add_argument("--loss-chunk", type=int, default=128, help="train.loss_chunk_tokens (0: full-vocabulary logits)")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed |predicted/measured - 1| of reserved")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
