@@ -68,8 +68,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(adapter_in)) * self.scaling
-        return result + update.to(result.dtype)
+        update = self.lora_B(self.lora_A(adapter_in))
+        return torch.add(result, update.to(result.dtype), alpha=self.scaling)  # one kernel, no scaled copy
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"

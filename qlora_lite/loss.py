@@ -27,12 +27,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight_grad else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and bias.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n_tokens, chunk_size):
+        n_chunks = -(-n_tokens // chunk_size)
+        labelled = torch.nn.functional.pad(labels != IGNORE_INDEX, (0, n_chunks * chunk_size - n_tokens))
+        chunk_has_targets = labelled.view(n_chunks, chunk_size).any(dim=1).tolist()  # one device sync, not one per chunk
+        for index, start in enumerate(range(0, n_tokens, chunk_size)):
+            if not chunk_has_targets[index]:
+                continue
             rows = slice(start, min(start + chunk_size, n_tokens))
             target = labels[rows]
             valid = target != IGNORE_INDEX
-            if not bool(valid.any()):
-                continue
             h = hidden[rows]
             logits = (h @ weight.t()).float()  # the one [chunk, vocab] fp32 buffer; reused for the softmax below
             if bias is not None:

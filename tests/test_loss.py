@@ -19,6 +19,7 @@ def test_chunked_matches_full_cross_entropy_in_fp32(softcap, trainable_head):
     weight = torch.randn(50, 16, generator=g, dtype=torch.float64).requires_grad_(trainable_head)
     labels = torch.randint(0, 50, (37,), generator=g)
     labels[::5] = IGNORE_INDEX
+    labels[8:16] = IGNORE_INDEX  # a whole chunk without targets is skipped
 
     loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=8, softcap=softcap)
     (loss * 3.0).backward()  # a non-unit upstream gradient must scale the stored gradients
