@@ -4,12 +4,13 @@ layout, bounded memory measured from outside, and bad input (each a one-sentence
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_tool
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -351,23 +352,16 @@ def test_cli_errors_exit_2_with_one_line(trained, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- memory
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "measure_export_memory.py"
 MIB = 2**20
 # The reader's dtype-conversion buffer (at most one tensor, 4 MiB here), bitsandbytes' temporaries for one
 # 2^18-element quantization chunk (~5 MiB), one fp32 merge chunk and allocator slack. Measured: ~12 MiB in all.
 FIXED_OVERHEAD = 32 * MIB
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("measure_export_memory", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads VmHWM from /proc")
 def test_export_peak_rss_is_bounded(tmp_path):
-    tool = load_tool()
+    tool = load_tool("measure_export_memory")
     models = tool.make_models(tmp_path, hidden=512, layers=12, vocab=4096, shard_size="16MB")
     assert len(list(models["base"].glob("*.safetensors"))) >= 4
     tiny = (models["tiny_base"], models["tiny_adapter"])

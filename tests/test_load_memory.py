@@ -3,27 +3,21 @@ stays under the quantized model + the largest tensor in bf16 + a fixed overhead.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "measure_load_memory.py"
+from tests.helpers import load_tool
+
 MIB = 2**20
 # Allocator slack, bitsandbytes' per-tensor quantization temporaries and the dtype-conversion buffer.
 FIXED_OVERHEAD = 96 * MIB
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("measure_load_memory", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_streaming_load_peak_rss_is_bounded(tmp_path):
-    tool = load_tool()
+    tool = load_tool("measure_load_memory")
     big, tiny = tool.make_models(tmp_path, hidden=1024, layers=12, vocab=8192, shard_size="100MB")
     assert len(list(big.glob("*.safetensors"))) >= 4
     checkpoint_bytes = sum(p.stat().st_size for p in big.glob("*.safetensors"))  # ~290 MiB of bf16
