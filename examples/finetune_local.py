@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 
 import qlora_lite
-from qlora_lite.config import load_config
+from qlora_lite.config.settings import load_config
 from qlora_lite.errors import QloraLiteError
-from qlora_lite.progress import RichReporter, summary_table
+from qlora_lite.cli.progress import RichReporter, summary_table
 
 HERE = Path(__file__).resolve().parent
 

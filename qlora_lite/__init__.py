@@ -1,39 +1,47 @@
 """qlora-lite: QLoRA fine-tuning of Hugging Face causal LMs on one constrained GPU.
 
 Public API (see ARCHITECTURE.md): `load_quantized`, `apply_lora`, `save_adapter`, `load_adapter`,
-`export_merged`, `estimate_memory`, `train`, and the `QloraLiteError` family.
-Names are imported on first use, except `train`: it shares its name with the `qlora_lite.train` module,
-and importing a submodule rebinds the package attribute to the module, so the function is bound eagerly.
+`export_merged`, `estimate_memory`, `train`, `TrainConfig`, and the `QloraLiteError` family.
+Every name is imported on first use, so `import qlora_lite` loads neither torch's model stack,
+bitsandbytes nor transformers.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from .errors import QloraLiteError
-from .train import TrainResult, train  # noqa: E402  (see the docstring)
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_quantized": "loader",
-    "apply_lora": "lora",
-    "trainable_summary": "lora",
-    "count_parameters": "lora",
-    "save_adapter": "export",
-    "load_adapter": "export",
-    "export_merged": "export",
-    "estimate_memory": "memory",
-    "MemoryReport": "memory",
-    "TrainConfig": "config",
-    "load_config": "config",
+    "load_quantized": "model.loader",
+    "apply_lora": "model.lora",
+    "trainable_summary": "model.lora",
+    "count_parameters": "model.lora",
+    "save_adapter": "export.merge",
+    "load_adapter": "export.merge",
+    "export_merged": "export.merge",
+    "estimate_memory": "memory.model",
+    "MemoryReport": "memory.model",
+    "TrainConfig": "config.settings",
+    "load_config": "config.settings",
+    "train": "training.loop",
+    "TrainResult": "training.loop",
 }
 
-__all__ = ["QloraLiteError", "TrainResult", "__version__", "train", *_LAZY]
+__all__ = ["QloraLiteError", "__version__", *_LAZY]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(module, name)
+        value = getattr(module, name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'qlora_lite' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 warnings.filterwarnings("ignore", module="bitsandbytes")
 torch.set_num_threads(2)
 
-from qlora_lite.tiny import save_tiny_model  # noqa: E402
+from qlora_lite.model.tiny import save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

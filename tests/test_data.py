@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from qlora_lite.config import DataConfig
-from qlora_lite.data import (
+from qlora_lite.config.settings import DataConfig
+from qlora_lite.data.dataset import (
     IGNORE_INDEX,
     BatchOrder,
     build_dataset,
@@ -21,7 +21,7 @@ from qlora_lite.data import (
     target_count,
 )
 from qlora_lite.errors import DataError, QloraLiteError
-from qlora_lite.tiny import make_tokenizer
+from qlora_lite.model.tiny import make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora_lite import apply_lora, load_quantized, save_adapter
-from qlora_lite.cli import main
+from qlora_lite.cli.main import main
 from qlora_lite.errors import AdapterError, ExportError, QloraLiteError
-from qlora_lite.export import QLORA_KEY, _dequantized_rows, export_merged, parse_size, quantize_4bit_chunked, run_export
-from qlora_lite.files import SafetensorsFile
-from qlora_lite.config import QuantConfig
-from qlora_lite.lora import lora_layers
-from qlora_lite.quant import dequantize_module, quant_state_tensors, quantize_4bit
-from qlora_lite.verify import VERIFY_TOLERANCE, verify_merged
+from qlora_lite.export.merge import QLORA_KEY, _dequantized_rows, export_merged, parse_size, quantize_4bit_chunked, run_export
+from qlora_lite.io.files import SafetensorsFile
+from qlora_lite.config.settings import QuantConfig
+from qlora_lite.model.lora import lora_layers
+from qlora_lite.model.quant import dequantize_module, quant_state_tensors, quantize_4bit
+from qlora_lite.export.verify import VERIFY_TOLERANCE, verify_merged
 
 SHARD = "200KB"  # the tiny models are ~0.5 MB in fp32, so this gives several input and output shards
 FP16_ULP = 2**-10  # relative spacing of float16 (and a bound on one rounding of a bf16/fp16 cast: 2**-8 for bf16)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_lite import load_quantized
-from qlora_lite.quant import is_quantized_linear
+from qlora_lite.model.quant import is_quantized_linear
 from tests.helpers import rel_err
 
 SETTINGS_4BIT = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
@@ -106,8 +106,8 @@ def test_untied_lm_head_is_bf16_and_unquantized(tiny_model_dir):
 
 
 def test_gpt2_conv1d_becomes_linear_with_transposed_weight(tiny_model_dir):
-    from qlora_lite.files import SafetensorsFile
-    from qlora_lite.quant import dequantize_module, quantize_4bit
+    from qlora_lite.io.files import SafetensorsFile
+    from qlora_lite.model.quant import dequantize_module, quantize_4bit
 
     model_dir = tiny_model_dir("gpt2")
     model, _ = load_quantized(model_dir, device="cpu")
@@ -120,7 +120,7 @@ def test_gpt2_conv1d_becomes_linear_with_transposed_weight(tiny_model_dir):
 
 
 def test_sharded_checkpoint_loads_like_single_file(tiny_model_dir, tmp_path):
-    from qlora_lite.tiny import save_tiny_model
+    from qlora_lite.model.tiny import save_tiny_model
 
     sharded = save_tiny_model(tmp_path / "sharded", "llama", max_shard_size="60KB")
     assert len(list(sharded.glob("*.safetensors"))) >= 4
@@ -141,7 +141,7 @@ def test_target_list_and_regex_select_layers(tiny_model_dir):
 
 
 def test_bf16_checkpoint_loads_same_bytes_as_fp32(tiny_model_dir, tmp_path):
-    from qlora_lite.tiny import save_tiny_model
+    from qlora_lite.model.tiny import save_tiny_model
 
     bf16_dir = save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
     a, _ = load_quantized(bf16_dir, device="cpu")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qlora_lite import apply_lora, load_quantized
-from qlora_lite.lora import LoraLinear, count_parameters, linear_dims, lora_layers, trainable_summary
-from qlora_lite.quant import dequantize_module, make_linear4bit, make_linear8bit, quantize_4bit, quantize_8bit
+from qlora_lite.model.lora import LoraLinear, count_parameters, linear_dims, lora_layers, trainable_summary
+from qlora_lite.model.quant import dequantize_module, make_linear4bit, make_linear8bit, quantize_4bit, quantize_8bit
 from tests.helpers import rel_err
 
 BASES = ["nf4", "fp4", "nf4-nodq", "int8"]

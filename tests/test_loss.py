@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_lite import apply_lora, load_quantized
-from qlora_lite.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy, shift_labels
+from qlora_lite.training.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy, shift_labels
 from tests.helpers import rel_err
 
 

@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
-from qlora_lite.cli import main
+from qlora_lite.cli.main import main
 from qlora_lite.errors import ConfigError, QloraLiteError
-from qlora_lite.loader import load_quantized
-from qlora_lite.loss import causal_lm_loss
-from qlora_lite.lora import apply_lora
-from qlora_lite.memory import GiB, build_inventory, estimate_memory, preset_names
-from qlora_lite.memory_advice import advise, parse_budget
-from qlora_lite.memory_probe import AllocationTracker, unique_bytes
-from qlora_lite.optim import AdapterOptimizer
-from qlora_lite.quant import is_quantized_linear, module_weight_bytes, weight_bytes_4bit
+from qlora_lite.model.loader import load_quantized
+from qlora_lite.training.loss import causal_lm_loss
+from qlora_lite.model.lora import apply_lora
+from qlora_lite.memory.model import GiB, build_inventory, estimate_memory, preset_names
+from qlora_lite.memory.advice import advise, parse_budget
+from qlora_lite.memory.probe import AllocationTracker, unique_bytes
+from qlora_lite.training.optim import AdapterOptimizer
+from qlora_lite.model.quant import is_quantized_linear, module_weight_bytes, weight_bytes_4bit
 
 # hidden 256 with r = 16 gives lora_A tensors of 16 x 256 = 4096 elements: bitsandbytes' 8-bit state threshold
 BIG = dict(hidden_size=256, vocab_size=512)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_lite import quant
+from qlora_lite.model import quant
 
 # The NF4 code book of the QLoRA paper (Dettmers et al. 2023, appendix E), as bitsandbytes ships it.
 NF4 = torch.tensor([

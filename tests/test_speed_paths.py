@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from qlora_lite import apply_lora, load_quantized, train
-from qlora_lite.loss import causal_lm_loss
-from qlora_lite.lora import lora_layers
-from qlora_lite.train import enable_gradient_checkpointing
+from qlora_lite.training.loss import causal_lm_loss
+from qlora_lite.model.lora import lora_layers
+from qlora_lite.training.loop import enable_gradient_checkpointing
 from tests.helpers import rel_err
 from tests.test_train import _config, toy_data  # noqa: F401  (fixture)
 
@@ -60,7 +60,7 @@ def test_chunked_loss_run_matches_full_logits_run(tiny_model_dir, toy_data, tmp_
 
 
 def test_offload_needs_checkpointing():
-    from qlora_lite.config import TrainSettings
+    from qlora_lite.config.settings import TrainSettings
     from qlora_lite.errors import ConfigError
 
     with pytest.raises(ConfigError, match="offload_activations needs train.gradient_checkpointing"):

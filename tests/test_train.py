@@ -10,16 +10,16 @@ import pytest
 import torch
 import yaml
 
-from qlora_lite.cli import main
-from qlora_lite.config import TrainConfig, config_from_dict, load_config, valid_keys
-from qlora_lite.data import BatchOrder, build_dataset, collate
+from qlora_lite.cli.main import main
+from qlora_lite.config.settings import TrainConfig, config_from_dict, load_config, valid_keys
+from qlora_lite.data.dataset import BatchOrder, build_dataset, collate
 from qlora_lite.errors import ConfigError, TrainingError
-from qlora_lite.loader import load_quantized
-from qlora_lite.lora import apply_lora, lora_layers
-from qlora_lite.optim import AdapterOptimizer
-from qlora_lite.tiny import make_tokenizer
-from qlora_lite.loss import causal_lm_loss
-from qlora_lite.train import (
+from qlora_lite.model.loader import load_quantized
+from qlora_lite.model.lora import apply_lora, lora_layers
+from qlora_lite.training.optim import AdapterOptimizer
+from qlora_lite.model.tiny import make_tokenizer
+from qlora_lite.training.loss import causal_lm_loss
+from qlora_lite.training.loop import (
     accumulate_gradients,
     checkpoint_dirs,
     enable_gradient_checkpointing,
@@ -202,7 +202,7 @@ def test_config_errors(tiny_model_dir, toy_data, tmp_path):
 
 def test_a_run_dir_in_use_is_refused(tiny_model_dir, toy_data, tmp_path):
     from qlora_lite.errors import LockedError
-    from qlora_lite.files import DirectoryLock
+    from qlora_lite.io.files import DirectoryLock
 
     cfg = _config(tiny_model_dir("llama"), toy_data, tmp_path / "run", max_steps=1)
     with DirectoryLock(tmp_path / "run", purpose="another train"):
@@ -263,7 +263,7 @@ def test_bf16_adapters_with_fp32_masters_match_fp32_adapters_on_the_demo_task(de
     """Stored in bf16, A and B train as well as fp32 adapters: no update is lost to bf16 rounding."""
     from pathlib import Path
 
-    from qlora_lite.demo import demo_config
+    from qlora_lite.demo.run import demo_config
 
     _, _, demo = demo_cli_run
     out = Path(demo["out_dir"])

@@ -34,7 +34,7 @@ def make_model(root: Path, name: str, seq_len: int) -> Path:
     """A Llama-shaped model with random weights, saved in bf16 safetensors."""
     import torch
 
-    from qlora_lite.tiny import save_tiny_model
+    from qlora_lite.model.tiny import save_tiny_model
 
     spec = dict(MODELS[name])
     return save_tiny_model(
@@ -73,9 +73,9 @@ def peak_rss() -> int:
 
 def build_qlora(model_dir: Path, device, args):
     from qlora_lite import apply_lora, load_quantized
-    from qlora_lite.loss import causal_lm_loss
-    from qlora_lite.optim import AdapterOptimizer
-    from qlora_lite.train import enable_gradient_checkpointing
+    from qlora_lite.training.loss import causal_lm_loss
+    from qlora_lite.training.optim import AdapterOptimizer
+    from qlora_lite.training.loop import enable_gradient_checkpointing
 
     model, _ = load_quantized(model_dir, bits=4, quant_type="nf4", double_quant=True, device=device, load_tokenizer=False)
     apply_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", seed=args.seed)

@@ -33,7 +33,7 @@ logging.set_verbosity_error()
 mode, base, adapter, out, shard, tiny_base, tiny_adapter = sys.argv[1:8]
 
 def qlora(base, adapter, out):
-    from qlora_lite.export import export_merged
+    from qlora_lite.export.merge import export_merged
     export_merged(base, adapter, out, "float16", max_shard_size=shard, device="cpu")
 
 def peft(base, adapter, out):
@@ -84,10 +84,10 @@ def make_adapter(base_dir: Path, out_dir: Path, r: int = 16, seed: int = 0) -> P
     """A random LoRA adapter (all-linear, B != 0) for a base, built on a meta skeleton without loading weights."""
     import torch
 
-    from qlora_lite.config import QuantConfig
-    from qlora_lite.export import save_adapter
-    from qlora_lite.loader import build_skeleton, load_config
-    from qlora_lite.lora import apply_lora, lora_layers
+    from qlora_lite.config.settings import QuantConfig
+    from qlora_lite.export.merge import save_adapter
+    from qlora_lite.model.loader import build_skeleton, load_config
+    from qlora_lite.model.lora import apply_lora, lora_layers
 
     model = build_skeleton(load_config(base_dir))
     model.config.name_or_path = str(base_dir)
@@ -105,7 +105,7 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int, shard_size: st
     """A Llama-shaped bf16 model saved in shards with an adapter, and a tiny pair for warm-up."""
     import torch
 
-    from qlora_lite.tiny import save_tiny_model
+    from qlora_lite.model.tiny import save_tiny_model
 
     big = save_tiny_model(
         root / "model", "llama", dtype=torch.bfloat16, max_shard_size=shard_size, vocab_size=vocab,
@@ -123,7 +123,7 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int, shard_size: st
 
 def largest_tensor_fp32(model_dir: Path) -> int:
     """Bytes of the checkpoint's largest tensor in fp32."""
-    from qlora_lite.files import largest_tensor_numel
+    from qlora_lite.io.files import largest_tensor_numel
 
     return 4 * largest_tensor_numel(model_dir)
 

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.utils import logging
 logging.disable_progress_bar()
-from qlora_lite.loader import load_quantized
+from qlora_lite.model.loader import load_quantized
 
 mode, path, warmup = sys.argv[1], sys.argv[2], sys.argv[3]
 load_quantized(warmup, device="cpu", load_tokenizer=False)  # warm every code path on a tiny model
@@ -38,7 +38,7 @@ elif mode == "transformers":
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
 if mode != "baseline":
-    from qlora_lite.quant import quant_state_tensors
+    from qlora_lite.model.quant import quant_state_tensors
     seen = set()
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in seen:
@@ -67,7 +67,7 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int, shard_size: st
     """A Llama-shaped model in bf16 saved in shards, and a tiny one for warm-up."""
     import torch
 
-    from qlora_lite.tiny import save_tiny_model
+    from qlora_lite.model.tiny import save_tiny_model
 
     big = save_tiny_model(
         root / "model", "llama", dtype=torch.bfloat16, max_shard_size=shard_size, vocab_size=vocab,
@@ -80,7 +80,7 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int, shard_size: st
 
 def largest_tensor_bf16(model_dir: Path) -> int:
     """Bytes of the checkpoint's largest tensor in bf16."""
-    from qlora_lite.files import largest_tensor_numel
+    from qlora_lite.io.files import largest_tensor_numel
 
     return 2 * largest_tensor_numel(model_dir)
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Predicted vs measured peak memory of QLoRA training steps, over a grid of run settings.
 
-On CUDA (the accuracy check of `qlora_lite.memory`):
+On CUDA (the accuracy check of `qlora_lite.memory.model`):
 
     python tools/measure_memory.py --preset llama-3.2-1b            # 16 points: bits x seq x batch x checkpointing
     python tools/measure_memory.py --preset llama-3.2-1b --grid small --json out.json
 
 builds a model with random weights from the preset's config.json (no download), saves it as safetensors
 in a temporary directory, and for every grid point loads it with `load_quantized`, applies LoRA, and runs
-optimizer steps the way `qlora_lite.train` does (bf16 autocast, transformers' non-reentrant gradient
+optimizer steps the way `qlora_lite.training.loop` does (bf16 autocast, transformers' non-reentrant gradient
 checkpointing, logits -> fp32 cross-entropy, `AdapterOptimizer.accumulate_grads` after each micro-batch,
 gradient clipping, step). It compares `torch.cuda.max_memory_allocated` / `max_memory_reserved` with the
 estimate's allocated / reserved peak (paged optimizer state and the CUDA context are outside both) and
@@ -20,7 +20,7 @@ On the CPU (a smoke check that runs anywhere):
 
 uses a tiny random Llama and checks the non-activation components byte for byte (weights, buffers,
 adapters, gradients, optimizer state); as a proxy for the activation model it also compares the stored
-activations and the peak of live tensor bytes, counted by `qlora_lite.memory_probe.AllocationTracker`.
+activations and the peak of live tensor bytes, counted by `qlora_lite.memory.probe.AllocationTracker`.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_lite.loader import load_quantized  # noqa: E402
-from qlora_lite.lora import apply_lora  # noqa: E402
-from qlora_lite.memory import GiB, PRESET_DIR, estimate_memory, preset_names  # noqa: E402
-from qlora_lite.memory_probe import AllocationTracker, unique_bytes  # noqa: E402
-from qlora_lite.optim import AdapterOptimizer  # noqa: E402
-from qlora_lite.quant import is_quantized_linear, module_weight_bytes  # noqa: E402
+from qlora_lite.model.loader import load_quantized  # noqa: E402
+from qlora_lite.model.lora import apply_lora  # noqa: E402
+from qlora_lite.memory.model import GiB, PRESET_DIR, estimate_memory, preset_names  # noqa: E402
+from qlora_lite.memory.probe import AllocationTracker, unique_bytes  # noqa: E402
+from qlora_lite.training.optim import AdapterOptimizer  # noqa: E402
+from qlora_lite.model.quant import is_quantized_linear, module_weight_bytes  # noqa: E402
 
 GRIDS = {
     # (bits, seq_len, batch_size, gradient_checkpointing)
@@ -76,13 +76,13 @@ def write_random_model(preset: str, out_dir: Path, device: str) -> Path:
 
 def write_tiny_model(out_dir: Path) -> Path:
     """A tiny random Llama whose adapters are big enough (>= 4096 elements at r=16) for 8-bit optimizer state."""
-    from qlora_lite.tiny import save_tiny_model
+    from qlora_lite.model.tiny import save_tiny_model
 
     return save_tiny_model(out_dir, "llama", hidden_size=256, vocab_size=1024, with_tokenizer=False)
 
 
 def prepare(model_dir: Path, bits: int, rank: int, targets, checkpointing: bool, optimizer: str, device: str):
-    """(model, optimizer) set up as qlora_lite.train does it."""
+    """(model, optimizer) set up as qlora_lite.training.loop does it."""
     model, _ = load_quantized(model_dir, bits=bits, device=device, target_modules=targets, load_tokenizer=False)
     apply_lora(model, r=rank, alpha=2 * rank, target_modules=targets, seed=0)
     model.train()
@@ -95,7 +95,7 @@ def prepare(model_dir: Path, bits: int, rank: int, targets, checkpointing: bool,
 
 def loss_sum(model, ids: torch.Tensor, device: str, loss_chunk: int = 128) -> torch.Tensor:
     """The trainer's loss (train._forward_loss_sum): chunked lm_head + fp32 cross-entropy, summed; bf16 autocast on CUDA."""
-    from qlora_lite.loss import causal_lm_loss
+    from qlora_lite.training.loss import causal_lm_loss
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
@@ -103,7 +103,7 @@ def loss_sum(model, ids: torch.Tensor, device: str, loss_chunk: int = 128) -> to
 
 
 def train_steps(model, opt, ids: torch.Tensor, steps: int, grad_accum: int, device: str, loss_chunk: int = 128) -> None:
-    """`steps` optimizer steps of `grad_accum` micro-batches each, as in qlora_lite.train."""
+    """`steps` optimizer steps of `grad_accum` micro-batches each, as in qlora_lite.training.loop."""
     tokens = grad_accum * ids[:, 1:].numel()
     for _ in range(steps):
         for _ in range(grad_accum):

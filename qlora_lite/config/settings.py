@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _setting(default: Any, help: str, **kw: Any) -> Any:

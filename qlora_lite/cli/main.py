@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from .errors import QloraLiteError
+from ..errors import QloraLiteError
 
 
 def _console(stderr: bool = False):
@@ -41,7 +41,7 @@ def _quiet_libraries() -> None:
 
 # ----------------------------------------------------------------------------------------- train
 def _add_train(sub) -> None:
-    from .config import field_help
+    from ..config.settings import field_help
 
     keys = "\n".join(f"  --{key} (default {default}): {help_}" for key, default, help_ in field_help())
     p = sub.add_parser(
@@ -57,9 +57,9 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from .config import load_config
+    from ..config.settings import load_config
     from .progress import RichReporter, summary_table
-    from .train import train
+    from ..training.loop import train
 
     config = load_config(args.config, overrides)
     console = _console()
@@ -100,7 +100,7 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from .export import run_export
+    from ..export.merge import run_export
 
     console = _console()
 
@@ -122,7 +122,7 @@ def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         say(f"quantization: {kind} ({origin})")
     if not args.verify:
         return 0
-    from .verify import VERIFY_TOLERANCE, verify_merged
+    from ..export.verify import VERIFY_TOLERANCE, verify_merged
 
     check = verify_merged(result.path, args.base, args.adapter)
     say(
@@ -173,8 +173,8 @@ def _cmd_memory(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     from rich.table import Table
 
-    from .memory import COMPONENT_LABELS, GiB, build_inventory, describe_components, make_settings, report_for
-    from .memory_advice import advise, gib, parse_budget
+    from ..memory.model import COMPONENT_LABELS, GiB, build_inventory, describe_components, make_settings, report_for
+    from ..memory.advice import advise, gib, parse_budget
 
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
     settings = make_settings(
@@ -244,7 +244,7 @@ def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .demo import run_demo
+    from ..demo.run import run_demo
     from .progress import RichReporter, summary_table
 
     console = _console()
@@ -304,7 +304,7 @@ class _Parser(argparse.ArgumentParser):
         import difflib
         import re
 
-        from .errors import UsageError
+        from ..errors import UsageError
 
         choices = ", ".join(COMMANDS)
         bad = re.match(r"argument \{[^}]*\}: invalid choice: '([^']*)'", message)
@@ -354,7 +354,7 @@ def _print_error(exc: BaseException | str) -> None:
     advice of an out-of-memory error."""
     from rich.text import Text
 
-    from .errors import OutOfMemoryError
+    from ..errors import OutOfMemoryError
 
     console = _console(stderr=True)
     console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
         handler: Callable = args.handler
         if extra and not getattr(args, "accepts_overrides", False):
-            from .errors import UsageError
+            from ..errors import UsageError
 
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see `qlora-lite {args.command} --help`.")
         return int(handler(args, _split_overrides(extra)) or 0)

@@ -25,14 +25,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import quant
-from .config import QuantConfig
-from .errors import AdapterError, ConfigError, ExportError
-from .files import (
+from ..model import quant
+from ..config.settings import QuantConfig
+from ..errors import AdapterError, ConfigError, ExportError
+from ..io.files import (
     DirectoryLock, SafetensorsFile, atomic_dir, atomic_file, fault_point, remove_stale_temps, save_safetensors_atomic,
     weight_files, write_json_atomic,
 )
-from .lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
+from ..model.lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -423,7 +423,7 @@ def _check_lora_shapes(item: _Item, lora: _Lora, adapter: SafetensorsFile) -> No
 
 def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.dtype, trust_remote_code: bool):
     """Output items for every checkpoint tensor, with the checkpoint key -> model path map and Conv1D flags."""
-    from .loader import _checkpoint_key_map, _is_conv1d, build_skeleton, load_config
+    from ..model.loader import _checkpoint_key_map, _is_conv1d, build_skeleton, load_config
 
     skeleton = build_skeleton(load_config(base_dir, trust_remote_code), trust_remote_code)
     items, paths, seen = [], {}, set()
@@ -469,7 +469,7 @@ def plan_export(
     trust_remote_code: bool = False,
 ) -> ExportPlan:
     """Check every input and decide the output layout from headers alone; raises before anything is written."""
-    from .loader import check_model_dir
+    from ..model.loader import check_model_dir
 
     out_dtype = _check_options(dtype, merge_into)
     max_bytes = parse_size(max_shard_size)
@@ -613,7 +613,7 @@ def _copied_tensor(item: _Item) -> torch.Tensor:
 
 def _write_safetensors_streaming(path: Path, items: list[_Item], produce: Callable[[_Item], torch.Tensor]) -> None:
     """Write a safetensors file whose header is known up front, producing one tensor at a time."""
-    from .loader import _malloc_trim
+    from ..model.loader import _malloc_trim
 
     release_freed = _malloc_trim()
     header: dict = {"__metadata__": {"format": "pt"}}

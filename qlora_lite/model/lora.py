@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .errors import ConfigError
+from ..config.settings import LoraConfig
+from ..errors import ConfigError
 from .quant import COMPUTE_DTYPE
 from .targets import TargetSpec, resolve_targets
 

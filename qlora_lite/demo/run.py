@@ -25,12 +25,12 @@ from typing import Callable
 
 import torch
 
-from .config import config_from_dict
-from .data import build_dataset, collate
-from .errors import ConfigError, QloraLiteError
-from .files import atomic_dir, write_json_atomic, write_text_atomic
-from .loss import causal_lm_loss
-from .train import Reporter, TrainResult, evaluate, train
+from ..config.settings import config_from_dict
+from ..data.dataset import build_dataset, collate
+from ..errors import ConfigError, QloraLiteError
+from ..io.files import atomic_dir, write_json_atomic, write_text_atomic
+from ..training.loss import causal_lm_loss
+from ..training.loop import Reporter, TrainResult, evaluate, train
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 WORD_LEN = 5
@@ -100,7 +100,7 @@ def pretrain_base(
     """
     from transformers import AutoModelForCausalLM
 
-    from .tiny import make_tokenizer, tiny_config
+    from ..model.tiny import make_tokenizer, tiny_config
 
     tokenizer = make_tokenizer()
     rng = random.Random(seed)
@@ -217,8 +217,8 @@ def run_demo(
     export: bool = True,
 ) -> DemoResult:
     """Run the whole quick start in `out_dir` (base-model/, data/, run/, merged/, demo.json) and return the figures."""
-    from .export import load_adapter
-    from .loader import load_quantized
+    from ..export.merge import load_adapter
+    from ..model.loader import load_quantized
 
     stage = on_stage or (lambda _msg: None)
     started = time.perf_counter()
@@ -278,7 +278,7 @@ def run_demo(
 
 def _try_merge(base_dir: Path, adapter_dir: Path, merged: Path, samples: list[Sample], stage, timings: dict) -> tuple[Path | None, str | None]:
     """Merge with `export.export_merged` when this build has it, and answer the samples with the merged fp16 model."""
-    from . import export as export_module
+    from ..export import merge as export_module
 
     if not hasattr(export_module, "export_merged"):
         return None, "merged export is not available in this build"
@@ -290,8 +290,8 @@ def _try_merge(base_dir: Path, adapter_dir: Path, merged: Path, samples: list[Sa
         return None, f"merged export failed: {exc}"
     from transformers import AutoModelForCausalLM
 
-    from .loader import load_tokenizer_from
-    from .tiny import make_tokenizer
+    from ..model.loader import load_tokenizer_from
+    from ..model.tiny import make_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = load_tokenizer_from(path) or make_tokenizer()

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .config import DataConfig
-from .errors import DataError
+from ..config.settings import DataConfig
+from ..errors import DataError
 
 IGNORE_INDEX = -100
 

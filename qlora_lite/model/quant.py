@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # On AVX512-BF16 CPUs bitsandbytes logs at import that an optional hub-downloaded kernel is missing; it falls
 # back to its own kernel, and the notice would otherwise precede every command's output.

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
 

@@ -7,7 +7,7 @@ and `summary_table` into the end-of-run table.
 
 from __future__ import annotations
 
-from .train import Reporter, TrainResult
+from ..training.loop import Reporter, TrainResult
 
 
 def _human(n: float) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ExportError
+from ..errors import ExportError
 
 COMPUTE_DTYPES = ("float32", "native")
 # Largest per-token relative logit difference accepted for a merge into the dequantized weights.
@@ -47,7 +47,7 @@ def fixed_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 32, seed: i
 
 
 def _compute_in_fp32(model: torch.nn.Module) -> None:
-    from .quant import bnb, dequantize_module
+    from ..model.quant import bnb, dequantize_module
 
     model.float()  # packed 4-bit / int8 weights are not floating point and stay as they are
     for name, module in list(model.named_modules()):
@@ -65,8 +65,8 @@ def _compute_in_fp32(model: torch.nn.Module) -> None:
 
 def _restore_checkpoint_precision(model: torch.nn.Module, base_path: str | Path) -> None:
     """Overwrite the model's floating-point (non-quantized) tensors with the checkpoint's values, one at a time."""
-    from .files import SafetensorsFile, weight_files
-    from .loader import _checkpoint_key_map
+    from ..io.files import SafetensorsFile, weight_files
+    from ..model.loader import _checkpoint_key_map
 
     params = dict(model.named_parameters(remove_duplicate=False))
     for path in weight_files(Path(base_path)):
@@ -87,8 +87,8 @@ def reference_logits(
     compute_dtype: str = "float32",
 ) -> torch.Tensor:
     """Logits (as fp32) of the quantized base + adapter, quantized as recorded in the adapter."""
-    from .export import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
-    from .loader import load_quantized
+    from .merge import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
+    from ..model.loader import load_quantized
 
     config = read_adapter_config(adapter_dir)
     settings, _ = adapter_quant_settings(config)

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 # Fault injection for the crash tests: "<point>:<N>" SIGKILLs the process at that point (KILL_ENV) or fails
 # there as a full disk would, with OSError(ENOSPC) (ENOSPC_ENV). Points: in-checkpoint:STEP,
@@ -337,7 +337,7 @@ class DirectoryLock:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
-                from .errors import LockedError
+                from ..errors import LockedError
 
                 raise LockedError(
                     f"{self.directory} is in use by {holder}; wait for it to finish or choose another output directory."

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .errors import QloraLiteError
+from ..config.settings import TrainConfig
+from ..errors import QloraLiteError
 
 # Budget override in bytes or a GPU name (memory_advice.parse_budget): planning for a GPU that is shared, or
 # giving the CPU tests a budget.
@@ -45,7 +45,7 @@ def gpu_budget(device: torch.device) -> tuple[int | None, str | None]:
     """(bytes, label) of the memory to plan for: `QLORA_LITE_GPU_MEMORY`, else the CUDA device's total, else unknown."""
     override = os.environ.get(GPU_MEMORY_ENV)
     if override:
-        from .memory_advice import parse_budget
+        from .advice import parse_budget
 
         return parse_budget(override)
     if device.type == "cuda" and torch.cuda.is_available():
@@ -82,7 +82,7 @@ class OomAdvice:
 
     def lines(self) -> list[str]:
         """The advice as a few lines of text, for the CLI to print."""
-        from .memory_advice import gib
+        from .advice import gib
 
         if self.budget is not None:
             verdict = f"over by {gib(self.total - self.budget)} GiB" if self.total > self.budget else "predicted to fit"
@@ -110,7 +110,7 @@ class OomAdvice:
 
 def memory_settings(config: TrainConfig) -> dict[str, Any]:
     """The memory model's run settings (`memory.RunSettings` fields) for a training config, on CUDA."""
-    from .memory import SETTING_NAMES
+    from .model import SETTING_NAMES
 
     q, lora, d, t = config.quant, config.lora, config.data, config.train
     chunk = getattr(t, "loss_chunk_tokens", 0)
@@ -134,7 +134,7 @@ def _padding(config: TrainConfig, micro_batch: int) -> bool:
 
 def _candidates(config: TrainConfig, settings: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(description, config overrides, memory-setting changes), least intrusive first."""
-    from .memory import SETTING_NAMES
+    from .model import SETTING_NAMES
 
     t = config.train
     out = []
@@ -162,7 +162,7 @@ def _candidates(config: TrainConfig, settings: dict[str, Any]) -> list[tuple[str
 
 def _longest_seq(inv, report, budget: int) -> int:
     """The longest sequence below the current one that fits at the current micro-batch (0 if none)."""
-    from .memory import report_for, with_settings
+    from .model import report_for, with_settings
 
     def fits(seq: int) -> bool:
         return report_for(inv, with_settings(report, seq_len=seq)).total <= budget
@@ -175,7 +175,7 @@ def _longest_seq(inv, report, budget: int) -> int:
 
 
 def _resume_keys() -> set[str]:
-    from .train import RESUME_KEYS
+    from ..training.loop import RESUME_KEYS
 
     return set(RESUME_KEYS)
 
@@ -199,7 +199,7 @@ def advise_after_oom(config: TrainConfig, budget: int | None, budget_label: str 
     shorter sequence is not offered. When no single change reaches the target, the one with the lowest
     prediction is given, marked as not fitting. Without a budget, the target is 15% under the prediction.
     """
-    from .memory import build_inventory, make_settings, report_for, with_settings
+    from .model import build_inventory, make_settings, report_for, with_settings
 
     settings = memory_settings(config)
     inv = build_inventory(config.model)
@@ -243,7 +243,7 @@ def oom_message(exc: BaseException) -> str:
 def out_of_memory_error(config: TrainConfig, failure: str, device: torch.device, last_checkpoint) -> QloraLiteError:
     """The `errors.OutOfMemoryError` for a run that ran out of GPU memory (`failure`: `oom_message` of torch's
     error), with the memory advice when it can be computed."""
-    from .errors import OutOfMemoryError
+    from ..errors import OutOfMemoryError
 
     where = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been written yet"
     advice = None

@@ -7,8 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError
-from .memory import GiB, MiB, Inventory, MemoryReport, report_for, with_settings
+from ..errors import ConfigError
+from .model import GiB, MiB, Inventory, MemoryReport, report_for, with_settings
 
 # memory.total in MiB as nvidia-smi reports it for common boards (ECC on where the board ships with it);
 # quoted from memory of typical driver output: check yours with `nvidia-smi --query-gpu=memory.total --format=csv`.

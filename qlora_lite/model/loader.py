@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from . import quant
-from .config import QuantConfig
-from .errors import ModelLoadError
-from .files import SafetensorsFile, weight_files
+from ..config.settings import QuantConfig
+from ..errors import ModelLoadError
+from ..io.files import SafetensorsFile, weight_files
 from .targets import TargetSpec, resolve_targets
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")

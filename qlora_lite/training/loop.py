@@ -24,19 +24,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import TrainConfig, TrainSettings, load_config
-from .data import BatchOrder, DatasetStats, TokenizedDataset, collate, pad_id, prepare_data, target_count
-from .errors import ConfigError, DataError, TrainingError
-from .export import save_adapter
-from .files import (
+from ..config.settings import TrainConfig, TrainSettings, load_config
+from ..data.dataset import BatchOrder, DatasetStats, TokenizedDataset, collate, pad_id, prepare_data, target_count
+from ..errors import ConfigError, DataError, TrainingError
+from ..export.merge import save_adapter
+from ..io.files import (
     KILL_ENV, DirectoryLock, atomic_dir, atomic_file, fault_point, file_sha256, remove_stale_temps, save_safetensors_atomic,
     write_json_atomic, write_text_atomic,
 )
-from . import loader
-from .loader import default_device
-from .lora import apply_lora, count_parameters
+from ..model import loader
+from ..model.loader import default_device
+from ..model.lora import apply_lora, count_parameters
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
-from .oom import oom_fault_point, oom_message, out_of_memory_error
+from ..memory.oom import oom_fault_point, oom_message, out_of_memory_error
 from .optim import AdapterOptimizer
 
 COMPLETE_MARKER = "COMPLETE"
@@ -295,7 +295,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.device) -> dict:
     """Load optimizer (and with it the adapter weights) and RNG states from a checkpoint; return its trainer state."""
-    from .files import SafetensorsFile
+    from ..io.files import SafetensorsFile
 
     problem = checkpoint_problem(path)
     if problem is not None:

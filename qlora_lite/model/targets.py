@@ -12,7 +12,7 @@ from typing import Iterable, Union
 
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 TargetSpec = Union[str, Iterable[str]]
 

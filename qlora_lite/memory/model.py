@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelLoadError
-from .optim import OPTIMIZERS
-from .quant import weight_bytes_4bit, weight_bytes_8bit
+from ..errors import ConfigError, ModelLoadError
+from ..training.optim import OPTIMIZERS
+from ..model.quant import weight_bytes_4bit, weight_bytes_8bit
 
 MiB = 1 << 20
 GiB = 1 << 30
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 BF16 = 2  # bytes per bf16 element (weights that stay unquantized, adapters, their gradients, activations)
 FP32 = 4  # bytes per fp32 element
@@ -170,7 +170,7 @@ def resolve_config(config_or_path: Any) -> tuple[Any, str]:
         raise ConfigError(f"cannot estimate memory for a {type(config_or_path).__name__}; give a model dir, config.json, preset name, dict or config.")
     path = Path(config_or_path)
     if path.is_dir():
-        from .loader import check_model_dir, load_config
+        from ..model.loader import check_model_dir, load_config
 
         return load_config(check_model_dir(path)), str(path)
     if path.is_file():
@@ -279,7 +279,7 @@ class Inventory:
 
     def targets(self, spec: Any) -> list[LinearInfo]:
         """The targeted linear layers (peft's rules, via `targets.resolve_targets` on the skeleton)."""
-        from .targets import resolve_targets
+        from ..model.targets import resolve_targets
 
         key = spec if isinstance(spec, str) else tuple(spec)
         if key not in self.target_cache:
@@ -332,9 +332,9 @@ _INVENTORY_CACHE_SIZE = 16
 
 
 def _build_inventory(config, name: str) -> Inventory:
-    from .loader import build_skeleton
-    from .lora import linear_dims
-    from .targets import decoder_blocks_path, linear_layers
+    from ..model.loader import build_skeleton
+    from ..model.lora import linear_dims
+    from ..model.targets import decoder_blocks_path, linear_layers
 
     skeleton = build_skeleton(config)
     blocks = decoder_blocks_path(skeleton)

@@ -1,0 +1,1 @@
+"""qlora_lite.io."""
