@@ -27,7 +27,8 @@ import yaml
 from qlora_lite import apply_lora, load_quantized, save_adapter
 from qlora_lite.cli.main import main
 from qlora_lite.errors import ConfigError
-from qlora_lite.io.files import DirectoryLock, atomic_file
+from qlora_lite.io.atomic import atomic_file
+from qlora_lite.io.lock import DirectoryLock
 
 TABLE_ENV = "QLORA_LITE_WRITE_ERROR_TABLE"
 DOCS_TABLE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"

@@ -19,7 +19,7 @@ from qlora_lite import apply_lora, load_quantized, save_adapter
 from qlora_lite.cli.main import main
 from qlora_lite.errors import AdapterError, ExportError, QloraLiteError
 from qlora_lite.export.merge import QLORA_KEY, _dequantized_rows, export_merged, parse_size, quantize_4bit_chunked, run_export
-from qlora_lite.io.files import SafetensorsFile
+from qlora_lite.io.safetensors import SafetensorsFile
 from qlora_lite.config.settings import QuantConfig
 from qlora_lite.model.lora import lora_layers
 from qlora_lite.model.quant import dequantize_module, quant_state_tensors, quantize_4bit

@@ -24,7 +24,9 @@ import yaml
 from qlora_lite import apply_lora, load_quantized, save_adapter
 from qlora_lite.cli.main import main
 from qlora_lite.config.settings import config_from_dict
-from qlora_lite.io.files import ENOSPC_ENV, KILL_ENV, DirectoryLock, SafetensorsFile
+from qlora_lite.io.faults import ENOSPC_ENV, KILL_ENV
+from qlora_lite.io.lock import DirectoryLock
+from qlora_lite.io.safetensors import SafetensorsFile
 from qlora_lite.model.lora import lora_layers
 from qlora_lite.memory.model import estimate_memory
 from qlora_lite.memory.advice import gib, parse_budget

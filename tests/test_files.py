@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from qlora_lite.errors import LockedError
-from qlora_lite.io.files import DirectoryLock, SafetensorsFile, atomic_dir, atomic_file, save_safetensors_atomic
+from qlora_lite.io.atomic import atomic_dir, atomic_file, save_safetensors_atomic
+from qlora_lite.io.lock import DirectoryLock
+from qlora_lite.io.safetensors import SafetensorsFile
 
 
 def test_atomic_file_leaves_nothing_on_failure(tmp_path):
@@ -41,7 +42,7 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
 def test_safetensors_reader_with_conversion(tmp_path, dtype, monkeypatch):
-    import qlora_lite.io.files as files
+    import qlora_lite.io.safetensors as files
 
     monkeypatch.setattr(files, "READ_CHUNK_BYTES", 64)  # force many chunks
     tensor = (torch.randn(37, 11) * 100).to(dtype)
@@ -55,7 +56,7 @@ def test_safetensors_reader_with_conversion(tmp_path, dtype, monkeypatch):
 
 def test_lock_refuses_a_second_holder_and_frees_on_crash(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from qlora_lite.io.files import DirectoryLock; "
+        [sys.executable, "-c", "import sys,time; from qlora_lite.io.lock import DirectoryLock; "
          "lock = DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True,
     )
@@ -67,4 +68,4 @@ def test_lock_refuses_a_second_holder_and_frees_on_crash(tmp_path):
         holder.kill()  # SIGKILL: no cleanup code runs
         holder.wait()
     with DirectoryLock(tmp_path) as lock:
-        assert lock.path.read_text().startswith(f"pid ")
+        assert lock.path.read_text().startswith("pid ")

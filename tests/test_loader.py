@@ -106,7 +106,7 @@ def test_untied_lm_head_is_bf16_and_unquantized(tiny_model_dir):
 
 
 def test_gpt2_conv1d_becomes_linear_with_transposed_weight(tiny_model_dir):
-    from qlora_lite.io.files import SafetensorsFile
+    from qlora_lite.io.safetensors import SafetensorsFile
     from qlora_lite.model.quant import dequantize_module, quantize_4bit
 
     model_dir = tiny_model_dir("gpt2")

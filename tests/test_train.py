@@ -202,7 +202,7 @@ def test_config_errors(tiny_model_dir, toy_data, tmp_path):
 
 def test_a_run_dir_in_use_is_refused(tiny_model_dir, toy_data, tmp_path):
     from qlora_lite.errors import LockedError
-    from qlora_lite.io.files import DirectoryLock
+    from qlora_lite.io.lock import DirectoryLock
 
     cfg = _config(tiny_model_dir("llama"), toy_data, tmp_path / "run", max_steps=1)
     with DirectoryLock(tmp_path / "run", purpose="another train"):

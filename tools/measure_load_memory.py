@@ -80,7 +80,7 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int, shard_size: st
 
 def largest_tensor_bf16(model_dir: Path) -> int:
     """Bytes of the checkpoint's largest tensor in bf16."""
-    from qlora_lite.io.files import largest_tensor_numel
+    from qlora_lite.io.safetensors import largest_tensor_numel
 
     return 2 * largest_tensor_numel(model_dir)
 

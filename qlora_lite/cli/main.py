@@ -173,7 +173,7 @@ def _cmd_memory(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     from rich.table import Table
 
-    from ..memory.model import COMPONENT_LABELS, GiB, build_inventory, describe_components, make_settings, report_for
+    from ..memory.model import COMPONENT_LABELS, build_inventory, describe_components, make_settings, report_for
     from ..memory.advice import advise, gib, parse_budget
 
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]

@@ -28,7 +28,7 @@ import torch
 from ..config.settings import config_from_dict
 from ..data.dataset import build_dataset, collate
 from ..errors import ConfigError, QloraLiteError
-from ..io.files import atomic_dir, write_json_atomic, write_text_atomic
+from ..io.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from ..training.loss import causal_lm_loss
 from ..training.loop import Reporter, TrainResult, evaluate, train
 

@@ -28,10 +28,10 @@ from torch import nn
 from ..model import quant
 from ..config.settings import QuantConfig
 from ..errors import AdapterError, ConfigError, ExportError
-from ..io.files import (
-    DirectoryLock, SafetensorsFile, atomic_dir, atomic_file, fault_point, remove_stale_temps, save_safetensors_atomic,
-    weight_files, write_json_atomic,
-)
+from ..io.atomic import atomic_dir, atomic_file, remove_stale_temps, save_safetensors_atomic, write_json_atomic
+from ..io.faults import fault_point
+from ..io.lock import DirectoryLock
+from ..io.safetensors import SafetensorsFile, weight_files
 from ..model.lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
 
 PEFT_PREFIX = "base_model.model."
@@ -423,12 +423,12 @@ def _check_lora_shapes(item: _Item, lora: _Lora, adapter: SafetensorsFile) -> No
 
 def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.dtype, trust_remote_code: bool):
     """Output items for every checkpoint tensor, with the checkpoint key -> model path map and Conv1D flags."""
-    from ..model.loader import _checkpoint_key_map, _is_conv1d, build_skeleton, load_config
+    from ..model.loader import checkpoint_key_map, is_conv1d, build_skeleton, load_config
 
     skeleton = build_skeleton(load_config(base_dir, trust_remote_code), trust_remote_code)
     items, paths, seen = [], {}, set()
     for shard in shards:
-        key_map = _checkpoint_key_map(skeleton, shard.keys())
+        key_map = checkpoint_key_map(skeleton, shard.keys())
         for key in shard.keys():
             if key in seen:
                 continue
@@ -439,7 +439,7 @@ def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.
             if name is not None and name.endswith(".weight"):
                 module_path = name[: -len(".weight")]
                 paths[module_path] = item
-                item.conv1d = _is_conv1d(skeleton.get_submodule(module_path))
+                item.conv1d = is_conv1d(skeleton.get_submodule(module_path))
             items.append(item)
     return items, paths
 
@@ -613,9 +613,9 @@ def _copied_tensor(item: _Item) -> torch.Tensor:
 
 def _write_safetensors_streaming(path: Path, items: list[_Item], produce: Callable[[_Item], torch.Tensor]) -> None:
     """Write a safetensors file whose header is known up front, producing one tensor at a time."""
-    from ..model.loader import _malloc_trim
+    from ..model.loader import malloc_trim
 
-    release_freed = _malloc_trim()
+    release_freed = malloc_trim()
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for item in items:

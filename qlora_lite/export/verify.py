@@ -65,13 +65,13 @@ def _compute_in_fp32(model: torch.nn.Module) -> None:
 
 def _restore_checkpoint_precision(model: torch.nn.Module, base_path: str | Path) -> None:
     """Overwrite the model's floating-point (non-quantized) tensors with the checkpoint's values, one at a time."""
-    from ..io.files import SafetensorsFile, weight_files
-    from ..model.loader import _checkpoint_key_map
+    from ..io.safetensors import SafetensorsFile, weight_files
+    from ..model.loader import checkpoint_key_map
 
     params = dict(model.named_parameters(remove_duplicate=False))
     for path in weight_files(Path(base_path)):
         shard = SafetensorsFile(path)
-        for key, name in _checkpoint_key_map(model, shard.keys()).items():
+        for key, name in checkpoint_key_map(model, shard.keys()).items():
             param = params.get(name)
             if param is None or not param.is_floating_point() or tuple(param.shape) != shard.shape(key):
                 continue  # packed 4-bit / int8 weights, and buffers the model computes itself

@@ -19,13 +19,13 @@ from torch import nn
 from . import quant
 from ..config.settings import QuantConfig
 from ..errors import ModelLoadError
-from ..io.files import SafetensorsFile, weight_files
+from ..io.safetensors import SafetensorsFile, weight_files
 from .targets import TargetSpec, resolve_targets
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _malloc_trim() -> Callable[[], None]:
+def malloc_trim() -> Callable[[], None]:
     """glibc's malloc_trim, or a no-op elsewhere.
 
     Freed bf16 temporaries sit between long-lived packed weights in glibc's heap; without handing those
@@ -133,7 +133,7 @@ def build_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     return model
 
 
-def _checkpoint_key_map(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
+def checkpoint_key_map(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
     """Map checkpoint tensor names to model names (handles a missing or extra base-model prefix)."""
     own = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
     prefix = getattr(model, "base_model_prefix", "")
@@ -157,7 +157,7 @@ def _set_tensor(model: nn.Module, path: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
@@ -200,7 +200,7 @@ def load_quantized(
     model = build_skeleton(config, trust_remote_code)
     targets = set(resolve_targets(model, target_modules))
     tied = _tied_groups(model)
-    release_freed = _malloc_trim()
+    release_freed = malloc_trim()
     stashed_bias: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
 
@@ -212,7 +212,7 @@ def load_quantized(
         return quant.make_linear8bit(codes, scales, bias, int8_threshold)
 
     for shard in shards:
-        key_map = _checkpoint_key_map(model, shard.keys())
+        key_map = checkpoint_key_map(model, shard.keys())
         for key in shard.keys():
             name = key_map.get(key)
             if name is None:
@@ -230,7 +230,7 @@ def load_quantized(
                     continue
                 if attr != "weight":
                     continue
-                weight = tensor.t() if _is_conv1d(original) else tensor  # Conv1D stores [in, out]
+                weight = tensor.t() if is_conv1d(original) else tensor  # Conv1D stores [in, out]
                 has_bias = getattr(original, "bias", None) is not None
                 bias = stashed_bias.pop(module_path, None)
                 if has_bias and bias is None:

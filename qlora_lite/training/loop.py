@@ -28,10 +28,9 @@ from ..config.settings import TrainConfig, TrainSettings, load_config
 from ..data.dataset import BatchOrder, DatasetStats, TokenizedDataset, collate, pad_id, prepare_data, target_count
 from ..errors import ConfigError, DataError, TrainingError
 from ..export.merge import save_adapter
-from ..io.files import (
-    KILL_ENV, DirectoryLock, atomic_dir, atomic_file, fault_point, file_sha256, remove_stale_temps, save_safetensors_atomic,
-    write_json_atomic, write_text_atomic,
-)
+from ..io.atomic import atomic_dir, atomic_file, file_sha256, remove_stale_temps, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from ..io.faults import fault_point
+from ..io.lock import DirectoryLock
 from ..model import loader
 from ..model.loader import default_device
 from ..model.lora import apply_lora, count_parameters
@@ -46,7 +45,7 @@ RESUME_KEYS = (
     "model", "quant", "lora", "data.train", "data.eval", "data.eval_fraction", "data.max_seq_len",
     "data.truncation", "data.packing", "train.micro_batch_size", "train.grad_accum", "train.optimizer", "train.seed",
 )
-# Fault injection for the crash tests (files.KILL_ENV / files.ENOSPC_ENV): "in-checkpoint:N", "after-checkpoint:N"
+# Fault injection for the crash tests (io.faults.KILL_ENV / ENOSPC_ENV): "in-checkpoint:N", "after-checkpoint:N"
 # and "in-final-adapter:N" (N = step) SIGKILL the process there or fail there with ENOSPC. KILL_ENV is imported
 # above so the tests keep finding it here.
 
@@ -295,7 +294,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.device) -> dict:
     """Load optimizer (and with it the adapter weights) and RNG states from a checkpoint; return its trainer state."""
-    from ..io.files import SafetensorsFile
+    from ..io.safetensors import SafetensorsFile
 
     problem = checkpoint_problem(path)
     if problem is not None:
