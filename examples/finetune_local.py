@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 import qlora_lite
-from qlora_lite.config.settings import load_config
+from qlora_lite.config.load import load_config
 from qlora_lite.errors import QloraLiteError
 from qlora_lite.cli.progress import RichReporter, summary_table
 

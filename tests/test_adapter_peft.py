@@ -12,7 +12,8 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_lite import apply_lora, load_adapter, load_quantized, save_adapter
-from qlora_lite.export.merge import QLORA_KEY, run_export
+from qlora_lite.export.adapter import QLORA_KEY
+from qlora_lite.export.hf_dir import run_export
 from qlora_lite.model.lora import lora_layers
 from qlora_lite.export.verify import VERIFY_TOLERANCE, fixed_batch, verify_merged
 from tests.helpers import rel_err

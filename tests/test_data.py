@@ -8,18 +8,10 @@ import pytest
 import torch
 
 from qlora_lite.config.settings import DataConfig
-from qlora_lite.data.dataset import (
-    IGNORE_INDEX,
-    BatchOrder,
-    build_dataset,
-    collate,
-    encode_record,
-    load_records,
-    prepare_data,
-    record_format,
-    render_chat,
-    target_count,
-)
+from qlora_lite.data.batching import IGNORE_INDEX, BatchOrder, collate, target_count
+from qlora_lite.data.chat import render_chat
+from qlora_lite.data.encode import build_dataset, encode_record, prepare_data
+from qlora_lite.data.records import load_records, record_format
 from qlora_lite.errors import DataError, QloraLiteError
 from qlora_lite.model.tiny import make_tokenizer
 

@@ -18,7 +18,10 @@ from safetensors.torch import load_file, save_file
 from qlora_lite import apply_lora, load_quantized, save_adapter
 from qlora_lite.cli.main import main
 from qlora_lite.errors import AdapterError, ExportError, QloraLiteError
-from qlora_lite.export.merge import QLORA_KEY, _dequantized_rows, export_merged, parse_size, quantize_4bit_chunked, run_export
+from qlora_lite.config.units import parse_size
+from qlora_lite.export.adapter import QLORA_KEY
+from qlora_lite.export.hf_dir import export_merged, run_export
+from qlora_lite.export.merge import _dequantized_rows, quantize_4bit_chunked
 from qlora_lite.io.safetensors import SafetensorsFile
 from qlora_lite.config.settings import QuantConfig
 from qlora_lite.model.lora import lora_layers
@@ -183,7 +186,7 @@ def test_hf_layout_shards_config_and_tokenizer(trained, tmp_path):
             assert f.metadata() == {"format": "pt"}
             keys = list(f.keys())
             size = sum(f.get_tensor(k).numel() * 2 for k in keys)
-        assert size <= parse_size(SHARD) or len(keys) == 1
+        assert size <= parse_size(SHARD, "max shard size") or len(keys) == 1
         assert all(index["weight_map"][k] == shard for k in keys)
         total += size
     assert index["metadata"]["total_size"] == total == result.total_bytes
@@ -321,8 +324,9 @@ def test_bad_options(trained, tmp_path, kwargs, pattern):
 
 
 def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8
-    assert parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234 and parse_size("1.5kb") == 1500
+    what = "max shard size"
+    assert parse_size("5GB", what) == 5 * 10**9 and parse_size("500MB", what) == 5 * 10**8
+    assert parse_size("2GiB", what) == 2 * 2**30 and parse_size(1234, what) == 1234 and parse_size("1.5kb", what) == 1500
 
 
 # ------------------------------------------------------------------------------------------------ CLI

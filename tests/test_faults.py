@@ -23,7 +23,7 @@ import yaml
 
 from qlora_lite import apply_lora, load_quantized, save_adapter
 from qlora_lite.cli.main import main
-from qlora_lite.config.settings import config_from_dict
+from qlora_lite.config.load import config_from_dict
 from qlora_lite.io.faults import ENOSPC_ENV, KILL_ENV
 from qlora_lite.io.lock import DirectoryLock
 from qlora_lite.io.safetensors import SafetensorsFile
@@ -31,7 +31,7 @@ from qlora_lite.model.lora import lora_layers
 from qlora_lite.memory.model import estimate_memory
 from qlora_lite.memory.advice import gib, parse_budget
 from qlora_lite.memory.oom import GPU_MEMORY_ENV, OOM_ENV, advise_after_oom, memory_settings
-from qlora_lite.training.loop import COMPLETE_MARKER, checkpoint_dirs, checkpoint_problem
+from qlora_lite.training.checkpoint import COMPLETE_MARKER, checkpoint_dirs, checkpoint_problem
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
 FAULT_ENVS = (KILL_ENV, ENOSPC_ENV, OOM_ENV, GPU_MEMORY_ENV)

@@ -186,7 +186,9 @@ def test_same_adapters_in_peft_give_same_output(llama_dir):
     with torch.no_grad():
         logits = ours(input_ids=ids).logits.float()
         expected = peft_model(input_ids=ids).logits.float()
-    assert rel_err(logits, expected) < 1e-2
+    # measured: 0.0 (bit-identical logits, input seeds 0-5, CPU). Same bnb base and bf16 adapters, so any real
+    # difference is far above 1e-6: one bf16 ulp on one lora_B element gives 6.4e-3, fp32 adapters in peft 1.4e-2.
+    assert rel_err(logits, expected) < 1e-6
 
 
 def test_linear_dims_of_conv1d():

@@ -178,15 +178,49 @@ def test_tied_embeddings_are_counted_once():
     assert report.components["unquantized_weights"] == 2 * (128256 * 2048 + (2 * 16 + 1) * 2048)
 
 
+# parameter counts published for these checkpoints (Hugging Face model pages / safetensors metadata)
+PUBLISHED_PARAMETERS = {
+    "gemma-2-2b": 2_614_341_888, "gemma-2-9b": 9_241_705_984, "llama-3.1-8b": 8_030_261_248,
+    "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "mistral-7b": 7_248_023_552,
+    "phi-3-mini": 3_821_079_552, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664,
+}
+
+
+def hand_counted(config: dict) -> tuple[list[tuple[int, int]], int]:
+    """(linear weight shapes [out, in] of one decoder layer, total parameters), written out per family from config.json."""
+    h, inter, layers, heads = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"))
+    kv = config.get("num_key_value_heads") or heads
+    d = config.get("head_dim") or h // heads
+    family = config["model_type"]
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        shapes = [((heads + 2 * kv) * d, h), (h, heads * d), (2 * inter, h), (h, inter)]
+    else:  # q, k, v, o, gate, up, down
+        shapes = [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d), (inter, h), (inter, h), (h, inter)]
+    biases = (heads + 2 * kv) * d if family == "qwen2" else 0  # Qwen2 has q/k/v biases
+    norms = (4 if family == "gemma2" else 2) * h  # Gemma 2: pre/post attention and pre/post MLP norms
+    embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)
+    return shapes, layers * (sum(o * n for o, n in shapes) + biases + norms) + embeddings + h  # + final norm
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_gives_a_plausible_report(name):
+    from qlora_lite.memory.model import PRESET_DIR
+
     report = estimate_memory(name, seq_len=512)
     params = report.details["parameters"]
     # the 4-bit base stores ~0.52 bytes per quantized parameter, the rest of the weights 2 bytes
     assert report.size("quantized_weights") + report.size("unquantized_weights") > 0.5 * params
     assert report.total < 6 * params + 2 * GiB
-    assert sum(report.components.values()) == report.total
     assert all(v >= 0 for v in report.components.values())
+    # weights and adapters against counts made independently of the skeleton the report is built from
+    config = json.loads((PRESET_DIR / f"{name}.json").read_text())
+    shapes, hand_params = hand_counted(config)
+    layers, linear = config["num_hidden_layers"], sum(o * n for o, n in shapes)
+    assert params == hand_params == PUBLISHED_PARAMETERS[name]
+    assert report.size("quantized_weights") == layers * sum(weight_bytes_4bit(o, n) for o, n in shapes)
+    assert report.size("unquantized_weights") == 2 * (hand_params - layers * linear)  # bf16
+    assert report.details["adapter_parameters"] == layers * sum(16 * (o + n) for o, n in shapes)  # default r = 16
 
 
 def test_presets_include_the_required_models():

@@ -15,7 +15,7 @@ import yaml
 
 from qlora_lite.io.safetensors import SafetensorsFile
 from qlora_lite.io.faults import KILL_ENV
-from qlora_lite.training.loop import COMPLETE_MARKER, checkpoint_dirs, latest_checkpoint
+from qlora_lite.training.checkpoint import COMPLETE_MARKER, checkpoint_dirs, latest_checkpoint
 
 
 def _settings(model_dir, data_dir, out) -> dict:

@@ -11,7 +11,7 @@ import torch
 from qlora_lite import apply_lora, load_quantized, train
 from qlora_lite.training.loss import causal_lm_loss
 from qlora_lite.model.lora import lora_layers
-from qlora_lite.training.loop import enable_gradient_checkpointing
+from qlora_lite.training.checkpointing import enable_gradient_checkpointing
 from tests.helpers import rel_err
 from tests.test_train import _config, toy_data  # noqa: F401  (fixture)
 

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+MAX_GRAD_NORM = 1.0  # train.max_grad_norm's default, and transformers' Trainer's
 MODELS = {
     # hidden, layers, intermediate, heads, kv heads, vocab
     "llama-small": dict(hidden_size=512, layers=4, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000),
@@ -72,10 +73,13 @@ def peak_rss() -> int:
 
 
 def build_qlora(model_dir: Path, device, args):
+    """qlora-lite as `qlora-lite train` runs it: the trainer's setup and its one training step."""
+    import torch
+
     from qlora_lite import apply_lora, load_quantized
-    from qlora_lite.training.loss import causal_lm_loss
+    from qlora_lite.training.checkpointing import enable_gradient_checkpointing
     from qlora_lite.training.optim import AdapterOptimizer
-    from qlora_lite.training.loop import enable_gradient_checkpointing
+    from qlora_lite.training.step import train_step
 
     model, _ = load_quantized(model_dir, bits=4, quant_type="nf4", double_quant=True, device=device, load_tokenizer=False)
     apply_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", seed=args.seed)
@@ -83,10 +87,12 @@ def build_qlora(model_dir: Path, device, args):
     model.train()
     optimizer = AdapterOptimizer(model.parameters(), args.optimizer, lr=args.lr)
 
-    def loss_fn(ids):
-        return causal_lm_loss(model, ids, ids, chunk_size=args.loss_chunk)  # the trainer's loss path
+    def step(ids):
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+        return train_step(model, optimizer, [batch], device, bf16=True, loss_chunk_tokens=args.loss_chunk,
+                          max_grad_norm=MAX_GRAD_NORM).loss  # fmt: skip
 
-    return model, optimizer, loss_fn
+    return step
 
 
 def build_baseline(model_dir: Path, device, args):
@@ -114,10 +120,17 @@ def build_baseline(model_dir: Path, device, args):
         cls = bnb.optim.PagedAdamW8bit if args.optimizer == "paged_adamw_8bit" and device.type == "cuda" else bnb.optim.AdamW8bit
         optimizer = cls(params, lr=args.lr)
 
-    def loss_fn(ids):
-        return model(input_ids=ids, labels=ids).loss
+    def step(ids):
+        # as transformers' Trainer(bf16=True, max_grad_norm=1.0) runs a step
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()  # .item() synchronises, so the step time is complete
 
-    return model, optimizer, loss_fn
+    return step
 
 
 def child(args) -> dict:
@@ -130,24 +143,18 @@ def child(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     build = build_qlora if args.side == "qlora" else build_baseline
-    _, optimizer, loss_fn = build(Path(args.model_dir), device, args)
+    step = build(Path(args.model_dir), device, args)
     batches = [b.to(device) for b in make_batches(args.steps, args.micro_batch, args.seq_len, MODELS[args.model]["vocab_size"], args.seed)]
     load_peak = peak_rss()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-    # both sides under bf16 autocast, as qlora-lite's trainer (train.bf16) and the usual Trainer(bf16=True) run
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    # both sides under bf16 autocast with gradient clipping, as qlora-lite's trainer and Trainer(bf16=True) run
     losses, times = [], []
     for ids in batches:
         start = time.perf_counter()
-        with autocast:
-            loss = loss_fn(ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())  # .item() synchronises, so the step time is complete
+        losses.append(step(ids))  # a float: the step's device work is complete
         times.append(time.perf_counter() - start)
     timed = times[args.warmup:] or times
     result = {

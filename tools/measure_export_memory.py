@@ -33,7 +33,7 @@ logging.set_verbosity_error()
 mode, base, adapter, out, shard, tiny_base, tiny_adapter = sys.argv[1:8]
 
 def qlora(base, adapter, out):
-    from qlora_lite.export.merge import export_merged
+    from qlora_lite.export.hf_dir import export_merged
     export_merged(base, adapter, out, "float16", max_shard_size=shard, device="cpu")
 
 def peft(base, adapter, out):
@@ -85,7 +85,7 @@ def make_adapter(base_dir: Path, out_dir: Path, r: int = 16, seed: int = 0) -> P
     import torch
 
     from qlora_lite.config.settings import QuantConfig
-    from qlora_lite.export.merge import save_adapter
+    from qlora_lite.export.adapter import save_adapter
     from qlora_lite.model.loader import build_skeleton, load_config
     from qlora_lite.model.lora import apply_lora, lora_layers
 

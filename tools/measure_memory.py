@@ -43,7 +43,9 @@ from qlora_lite.model.loader import load_quantized  # noqa: E402
 from qlora_lite.model.lora import apply_lora  # noqa: E402
 from qlora_lite.memory.model import GiB, PRESET_DIR, estimate_memory, preset_names  # noqa: E402
 from qlora_lite.memory.probe import AllocationTracker, unique_bytes  # noqa: E402
+from qlora_lite.training.checkpointing import enable_gradient_checkpointing  # noqa: E402
 from qlora_lite.training.optim import AdapterOptimizer  # noqa: E402
+from qlora_lite.training.step import forward_loss_sum, train_step  # noqa: E402
 from qlora_lite.model.quant import is_quantized_linear, module_weight_bytes  # noqa: E402
 
 GRIDS = {
@@ -88,32 +90,22 @@ def prepare(model_dir: Path, bits: int, rank: int, targets, checkpointing: bool,
     model.train()
     model.config.use_cache = False
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     opt = AdapterOptimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr=1e-4)
     return model, opt
 
 
-def loss_sum(model, ids: torch.Tensor, device: str, loss_chunk: int = 128) -> torch.Tensor:
-    """The trainer's loss (train._forward_loss_sum): chunked lm_head + fp32 cross-entropy, summed; bf16 autocast on CUDA."""
-    from qlora_lite.training.loss import causal_lm_loss
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    with autocast:
-        return causal_lm_loss(model, ids, ids, torch.ones_like(ids), chunk_size=loss_chunk, normalizer=1.0)
+def batch_of(ids: torch.Tensor) -> dict:
+    """A micro-batch as the trainer collates it (no padding)."""
+    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def train_steps(model, opt, ids: torch.Tensor, steps: int, grad_accum: int, device: str, loss_chunk: int = 128) -> None:
-    """`steps` optimizer steps of `grad_accum` micro-batches each, as in qlora_lite.training.loop."""
-    tokens = grad_accum * ids[:, 1:].numel()
+    """`steps` optimizer steps of `grad_accum` micro-batches each, through the trainer's own step
+    (bf16 autocast on CUDA; fp32 on the CPU, where the memory model counts fp32 activations)."""
     for _ in range(steps):
-        for _ in range(grad_accum):
-            loss = loss_sum(model, ids, device, loss_chunk) / tokens
-            loss.backward()
-            del loss
-            opt.accumulate_grads()
-        opt.clip_grad_norm_(1.0)
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, [batch_of(ids)] * grad_accum, torch.device(device), bf16=device == "cuda",
+                   loss_chunk_tokens=loss_chunk, max_grad_norm=1.0)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ CUDA
@@ -201,7 +193,8 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
         ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
         before = unique_bytes(list(model.parameters()) + list(model.buffers()) + opt.masters)
         with AllocationTracker() as tracker:
-            loss = loss_sum(model, ids, "cpu", args.loss_chunk)
+            # the first micro-batch by hand, to read the stored activations between forward and backward
+            loss = forward_loss_sum(model, batch_of(ids), torch.device("cpu"), bf16=False, loss_chunk_tokens=args.loss_chunk)
             stored = tracker.current
             loss.backward()
             del loss

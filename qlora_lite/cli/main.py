@@ -57,7 +57,7 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from ..config.settings import load_config
+    from ..config.load import load_config
     from .progress import RichReporter, summary_table
     from ..training.loop import train
 
@@ -100,7 +100,7 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from ..export.merge import run_export
+    from ..export.hf_dir import run_export
 
     console = _console()
 
@@ -241,32 +241,17 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from ..demo.run import run_demo
     from .progress import RichReporter, summary_table
 
     console = _console()
-    pretrain_bar = Progress(TextColumn("[bold blue]pre-train"), BarColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
-                            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console)
-    task = None
-
-    def pretrain_progress(step: int, total: int, loss: float) -> None:
-        nonlocal task
-        if task is None:
-            pretrain_bar.start()
-            task = pretrain_bar.add_task("pre-train", total=total, loss="-")
-        pretrain_bar.update(task, completed=step, loss=f"{loss:.4f}")
-        if step == total:
-            pretrain_bar.stop()
-
     reporter = RichReporter(console, title="QLoRA")
     try:
         demo = run_demo(args.out, reporter=reporter, on_stage=lambda msg: console.print(f"[bold]>[/] {msg}"),
-                        pretrain_progress=pretrain_progress, train_steps=args.steps)
+                        train_steps=args.steps)
     finally:
-        pretrain_bar.stop()
         reporter.close()
     console.print(summary_table(demo.train, title="QLoRA run"))
     table = Table(title="the shift task (each letter one on), before and after QLoRA")

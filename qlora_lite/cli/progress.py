@@ -7,7 +7,7 @@ and `summary_table` into the end-of-run table.
 
 from __future__ import annotations
 
-from ..training.loop import Reporter, TrainResult
+from ..training.reporter import Reporter, TrainResult
 
 
 def _human(n: float) -> str:

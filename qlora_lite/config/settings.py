@@ -1,336 +1,277 @@
-"""Run settings as dataclasses: quantization, LoRA, data and training; YAML loading; validation.
+"""The one settings schema: every run setting defined once, with its type, default, help, valid range and
+whether a resumed run must keep it.
 
-Every field carries a one-line help text in its metadata, which `qlora-lite train --help` prints.
-Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the key and the fix.
+`qlora-lite train` (YAML + `--section.key` overrides), `qlora-lite memory`, the out-of-memory advice, the
+examples and the tools all read these dataclasses. Each field's metadata holds:
+
+- `help`: the one-line text `qlora-lite train --help` prints;
+- `choices`, `min`, `max` (inclusive), `min_exclusive`: what `validate` checks, besides the type;
+- `resume`: a checkpoint records this key, and `--resume` refuses a config that changes it.
+
+Cross-field rules (offload needs checkpointing, ...) live in each section's `check`. `validate` collects
+every problem and raises one `ConfigError` naming them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 from ..errors import ConfigError
 
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
+SCHEDULES = ("cosine", "constant")
+ADAPTER_DTYPES = ("bfloat16", "float32")
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+# Far beyond any real run, small enough that torch and the OS accept the numbers derived from them.
+MAX_COUNT = 2**31 - 1
 
-def _setting(default: Any, help: str, **kw: Any) -> Any:
+
+def setting(default: Any, help: str, *, resume: bool = False, **rules: Any) -> Any:
+    """A dataclass field carrying its help text, validation rules and resume flag in its metadata."""
+    meta = {"help": help, "resume": resume, **rules}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _range_text(meta: Any, value: Any) -> str:
+    """What a number must be, in words, from a field's rules."""
+    if meta.get("expect"):
+        return meta["expect"]
+    low, high, above = meta.get("min"), meta.get("max"), meta.get("min_exclusive")
+    limit = f" (at most {high})" if high is not None else ""
+    if above == 0:
+        return "a positive number" + limit
+    if low == 1 and isinstance(value, int):
+        return "a positive whole number" + limit
+    if low == 0:
+        return "0 or more" + limit
+    return " and ".join(
+        text for text, bound in ((f"at least {low}", low), (f"at most {high}", high)) if bound is not None
+    )
+
+
+def _check_field(f: dataclasses.Field, value: Any, key: str) -> str | None:
+    """The problem with one value against its field's rules, or None."""
+    meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} is {value}; it must be a finite number"
+    if "choices" in meta and value not in meta["choices"]:
+        names = [str(c) for c in meta["choices"]]
+        return f"{key} is {value!r}; use {', '.join(names[:-1])} or {names[-1]}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high, above = meta.get("min"), meta.get("max"), meta.get("min_exclusive")
+        if (above is not None and value <= above) or (low is not None and value < low) or (high is not None and value > high):
+            return f"{key} is {value}; it must be {_range_text(meta, value)}"
+    return None
+
+
+class Section:
+    """Validation shared by the setting sections: field rules first, then the section's own `check`."""
+
+    def problems(self, prefix: str) -> list[str]:
+        """Every problem with this section's values, each naming its dotted key."""
+        found = []
+        for f in dataclasses.fields(self):
+            problem = _check_field(f, getattr(self, f.name), f"{prefix}{f.name}")
+            if problem:
+                found.append(problem)
+        return found or self.check(prefix)
+
+    def check(self, prefix: str) -> list[str]:
+        """Rules across fields; sections override it."""
+        return []
+
+    def validate(self, prefix: str | None = None) -> None:
+        """Raise `ConfigError` naming every problem with this section."""
+        problems = self.problems(prefix if prefix is not None else f"{SECTION_NAMES.get(type(self), '')}.")
+        if problems:
+            raise ConfigError("; ".join(problems) + ".")
 
 
 @dataclass
-class QuantConfig:
-    bits: int = _setting(4, "4 (NF4/FP4 via bitsandbytes) or 8 (LLM.int8)")
-    quant_type: str = _setting("nf4", "4-bit data type: nf4 or fp4")
-    double_quant: bool = _setting(True, "quantize the 4-bit absmax statistics again (saves ~0.37 bit/param)")
-    blocksize: int = _setting(64, "4-bit quantization block size")
-    int8_threshold: float = _setting(6.0, "LLM.int8 outlier threshold on activations (0 turns the fp16 outlier path off)")
-
-    def validate(self) -> None:
-        if self.bits not in (4, 8):
-            raise ConfigError(f"quant.bits is {self.bits}, but only 4 and 8 are supported; set quant.bits to 4 or 8.")
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"quant.quant_type is {self.quant_type!r}; use 'nf4' or 'fp4'.")
-        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
-            raise ConfigError(f"quant.blocksize is {self.blocksize}; use a power of two from 64 to 4096.")
-        if self.int8_threshold < 0:
-            raise ConfigError(f"quant.int8_threshold is {self.int8_threshold}; it must be 0 or positive.")
+class QuantConfig(Section):
+    bits: int = setting(4, "4 (NF4/FP4 via bitsandbytes) or 8 (LLM.int8)", choices=(4, 8), resume=True)
+    quant_type: str = setting("nf4", "4-bit data type: nf4 or fp4", choices=("nf4", "fp4"), resume=True)
+    double_quant: bool = setting(True, "quantize the 4-bit absmax statistics again (saves ~0.37 bit/param)", resume=True)
+    blocksize: int = setting(64, "4-bit quantization block size", choices=BLOCKSIZES, resume=True)
+    int8_threshold: float = setting(
+        6.0, "LLM.int8 outlier threshold on activations (0 turns the fp16 outlier path off)", min=0.0, resume=True
+    )
 
 
 @dataclass
-class LoraConfig:
-    r: int = _setting(16, "adapter rank")
-    alpha: float = _setting(32.0, "scaling numerator: scaling = alpha / r (alpha / sqrt(r) with rslora)")
-    dropout: float = _setting(0.0, "dropout on the adapter input")
-    target_modules: Union[str, list] = _setting(
-        "all-linear", "'all-linear', a list of module names (e.g. [q_proj, v_proj]) or a regex over full module paths"
+class LoraConfig(Section):
+    r: int = setting(16, "adapter rank", min=1, max=65536, expect="a positive whole number such as 8 or 16", resume=True)
+    alpha: float = setting(32.0, "scaling numerator: scaling = alpha / r (alpha / sqrt(r) with rslora)", resume=True)
+    dropout: float = setting(0.0, "dropout on the adapter input", min=0.0, max=0.999, expect="in [0, 1)", resume=True)
+    target_modules: Union[str, list] = setting(
+        "all-linear",
+        "'all-linear', a list of module names (e.g. [q_proj, v_proj]) or a regex over full module paths",
+        resume=True,
     )
-    rslora: bool = _setting(False, "rank-stabilised scaling alpha / sqrt(r)")
-    adapter_dtype: str = _setting(
-        "bfloat16", "dtype A and B are stored in: bfloat16 (the optimizer keeps fp32 masters) or float32"
+    rslora: bool = setting(False, "rank-stabilised scaling alpha / sqrt(r)", resume=True)
+    adapter_dtype: str = setting(
+        "bfloat16",
+        "dtype A and B are stored in: bfloat16 (the optimizer keeps fp32 masters) or float32",
+        choices=ADAPTER_DTYPES,
+        resume=True,
     )
 
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"lora.r is {self.r}; the rank must be a positive integer such as 8 or 16.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout is {self.dropout}; it must be in [0, 1).")
+    def check(self, prefix: str) -> list[str]:
+        found = []
         if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ConfigError("lora.target_modules is an empty list; name at least one module or use 'all-linear'.")
-        if self.adapter_dtype not in ("bfloat16", "float32"):
-            raise ConfigError(f"lora.adapter_dtype is {self.adapter_dtype!r}; use 'bfloat16' or 'float32'.")
+            found.append(f"{prefix}target_modules is an empty list; name at least one module or use 'all-linear'")
+        if self.alpha == 0:
+            found.append(f"{prefix}alpha is 0, so the adapter could never change the output; use e.g. 2 * r")
+        return found
 
 
 @dataclass
-class DataConfig:
-    train: str = _setting(
-        "", "training data: a .jsonl / .json file (text, prompt/completion or messages records), or a datasets name 'org/name[:split]'"
+class DataConfig(Section):
+    train: str = setting(
+        "",
+        "training data: a .jsonl / .json file (text, prompt/completion or messages records), "
+        "or a datasets name 'org/name[:split]'",
+        resume=True,
     )
-    eval: str = _setting("", "evaluation data file; empty to split eval_fraction off the training data")
-    eval_fraction: float = _setting(0.0, "fraction of the training records held out for eval when data.eval is empty")
-    max_seq_len: int = _setting(1024, "tokens per sequence; longer records are truncated (see truncation)")
-    truncation: bool = _setting(True, "truncate records longer than max_seq_len (false: refuse them)")
-    packing: bool = _setting(False, "pack several records into each max_seq_len sequence")
-
-    def validate(self) -> None:
-        if self.max_seq_len <= 0:
-            raise ConfigError(f"data.max_seq_len is {self.max_seq_len}; it must be a positive number of tokens.")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction is {self.eval_fraction}; it must be in [0, 1).")
+    eval: str = setting("", "evaluation data file; empty to split eval_fraction off the training data", resume=True)
+    eval_fraction: float = setting(
+        0.0, "fraction of the training records held out for eval when data.eval is empty", min=0.0, max=0.99,
+        expect="in [0, 1)", resume=True,
+    )
+    max_seq_len: int = setting(
+        1024, "tokens per sequence; longer records are truncated (see truncation)", min=1, max=2**24,
+        expect="a positive number of tokens (at most 16777216)", resume=True,
+    )
+    truncation: bool = setting(True, "truncate records longer than max_seq_len (false: refuse them)", resume=True)
+    packing: bool = setting(False, "pack several records into each max_seq_len sequence", resume=True)
 
 
 @dataclass
-class TrainSettings:
-    max_steps: int = _setting(200, "optimizer steps to run")
-    micro_batch_size: int = _setting(4, "sequences per forward pass")
-    grad_accum: int = _setting(4, "micro-batches per optimizer step")
-    lr: float = _setting(2.0e-4, "peak learning rate")
-    weight_decay: float = _setting(0.0, "AdamW weight decay on the adapters")
-    warmup_steps: int = _setting(10, "linear warmup steps")
-    schedule: str = _setting("cosine", "learning-rate schedule after warmup: cosine or constant")
-    optimizer: str = _setting("paged_adamw_8bit", "paged_adamw_8bit (falls back to adamw_8bit off CUDA), adamw_8bit or adamw")
-    max_grad_norm: float = _setting(1.0, "gradient-norm clipping (0 turns it off)")
-    gradient_checkpointing: bool = _setting(True, "recompute each decoder layer in backward instead of storing activations")
-    offload_activations: bool = _setting(False, "keep each checkpointed layer's input in CPU memory (long sequences on small GPUs)")
-    loss_chunk_tokens: int = _setting(128, "tokens per chunk of lm_head + cross-entropy, so full-vocabulary logits never exist (0: unchunked)")
-    seed: int = _setting(0, "seed for data order, dropout and adapter init")
-    log_every: int = _setting(10, "steps between metrics.jsonl lines")
-    eval_every: int = _setting(50, "steps between eval passes (0: only at the end)")
-    save_every: int = _setting(50, "steps between checkpoints (0: only at the end)")
-    keep_checkpoints: int = _setting(2, "how many of the newest checkpoints to keep")
-    bf16: bool = _setting(True, "run the forward under bf16 autocast where the device has it (CUDA with bf16, the CPU)")
+class TrainSettings(Section):
+    max_steps: int = setting(200, "optimizer steps to run", min=1, max=MAX_COUNT)
+    micro_batch_size: int = setting(4, "sequences per forward pass", min=1, max=65536, resume=True)
+    grad_accum: int = setting(4, "micro-batches per optimizer step", min=1, max=65536, resume=True)
+    lr: float = setting(2.0e-4, "peak learning rate", min_exclusive=0.0, max=10.0, expect="a positive number such as 2e-4")
+    weight_decay: float = setting(0.0, "AdamW weight decay on the adapters", min=0.0, max=10.0)
+    warmup_steps: int = setting(10, "linear warmup steps", min=0, max=MAX_COUNT)
+    schedule: str = setting("cosine", "learning-rate schedule after warmup: cosine or constant", choices=SCHEDULES)
+    optimizer: str = setting(
+        "paged_adamw_8bit",
+        "paged_adamw_8bit (falls back to adamw_8bit off CUDA), adamw_8bit or adamw",
+        choices=OPTIMIZERS,
+        resume=True,
+    )
+    max_grad_norm: float = setting(1.0, "gradient-norm clipping (0 turns it off)", min=0.0)
+    gradient_checkpointing: bool = setting(
+        True, "recompute each decoder layer in backward instead of storing activations"
+    )
+    offload_activations: bool = setting(
+        False, "keep each checkpointed layer's input in CPU memory (long sequences on small GPUs)"
+    )
+    loss_chunk_tokens: int = setting(
+        128,
+        "tokens per chunk of lm_head + cross-entropy, so full-vocabulary logits never exist (0: unchunked)",
+        min=0,
+        max=2**24,
+    )
+    seed: int = setting(0, "seed for data order, dropout and adapter init", min=0, max=2**63 - 1, resume=True)
+    log_every: int = setting(10, "steps between metrics.jsonl lines", min=1, max=MAX_COUNT)
+    eval_every: int = setting(50, "steps between eval passes (0: only at the end)", min=0, max=MAX_COUNT)
+    save_every: int = setting(50, "steps between checkpoints (0: only at the end)", min=0, max=MAX_COUNT)
+    keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", min=1, max=MAX_COUNT)
+    bf16: bool = setting(
+        True, "run the forward under bf16 autocast where the device has it (CUDA with bf16, the CPU)"
+    )
 
-    def validate(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "keep_checkpoints", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} is {getattr(self, name)}; it must be a positive integer.")
+    def check(self, prefix: str) -> list[str]:
         if self.offload_activations and not self.gradient_checkpointing:
-            raise ConfigError("train.offload_activations needs train.gradient_checkpointing: true (it offloads the checkpointed inputs).")
-        for name in ("warmup_steps", "eval_every", "save_every", "loss_chunk_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} is {getattr(self, name)}; it must be 0 or positive.")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr is {self.lr}; it must be a positive number such as 2e-4.")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"train.schedule is {self.schedule!r}; use 'cosine' or 'constant'.")
-        if self.optimizer not in ("paged_adamw_8bit", "adamw_8bit", "adamw"):
-            raise ConfigError(f"train.optimizer is {self.optimizer!r}; use paged_adamw_8bit, adamw_8bit or adamw.")
+            return [
+                f"{prefix}offload_activations needs {prefix}gradient_checkpointing: true "
+                "(it offloads the checkpointed inputs)"
+            ]
+        return []
 
 
 @dataclass
 class TrainConfig:
-    model: str = _setting("", "model directory: config.json + *.safetensors + tokenizer files")
-    output_dir: str = _setting("runs/run", "run directory for adapter/, checkpoints/, metrics.jsonl")
-    trust_remote_code: bool = _setting(False, "allow model code from the model directory (off unless you trust it)")
+    model: str = setting("", "model directory: config.json + *.safetensors + tokenizer files", resume=True)
+    output_dir: str = setting("runs/run", "run directory for adapter/, checkpoints/, metrics.jsonl")
+    trust_remote_code: bool = setting(False, "allow model code from the model directory (off unless you trust it)")
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
 
-    def validate(self) -> None:
+    def problems(self, for_training: bool = True) -> list[str]:
+        """Every problem with the config; `for_training=False` (the memory report) does not need data."""
+        found = []
         if not self.model:
-            raise ConfigError("model is not set; give the path of a Hugging Face model directory.")
-        if not self.data.train:
-            raise ConfigError("data.train is not set; give the path of a JSONL training file.")
-        for section in (self.quant, self.lora, self.data, self.train):
-            section.validate()
+            found.append("model is not set; give the path of a Hugging Face model directory")
+        if for_training and not self.data.train:
+            found.append("data.train is not set; give the path of a JSONL training file")
+        for name in SECTIONS:
+            found.extend(getattr(self, name).problems(f"{name}."))
+        return found
+
+    def validate(self, for_training: bool = True) -> None:
+        """Raise `ConfigError` naming every problem (all of them, not only the first)."""
+        problems = self.problems(for_training)
+        if problems:
+            raise ConfigError("; ".join(problems) + ".")
 
     def to_dict(self) -> dict:
+        """Nested plain dicts, as written to a run's config.yaml."""
         return dataclasses.asdict(self)
 
-
-SECTIONS = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainSettings}
-
-
-def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert `value` (from YAML or a command-line string) to the field type, or raise naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[-1]
-    if tp is list or origin is list:
-        if isinstance(value, str):
-            if value.startswith("["):
-                import yaml
-
-                value = yaml.safe_load(value)
-            else:
-                raise ConfigError(f"{key} got {value!r}; expected a list such as [q_proj, v_proj].")
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} got {value!r}; expected a list.")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key} got {value!r}; expected true or false.")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} got {value!r}; expected a whole number.")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} got {value!r}; expected a whole number.")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} got {value!r}; expected a number.")
-        number = None
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):
-            return number
-        raise ConfigError(f"{key} got {value!r}; expected a finite number such as 2e-4.")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key} got {value!r}; expected a string.")
-    return value
+    def get(self, dotted: str) -> Any:
+        """The value of a dotted key such as `lora.r`."""
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainSettings}
+SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
+
+
+def schema_fields() -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, dataclass field) for every setting, in declaration order."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS:
+            out.extend((f"{f.name}.{sub.name}", sub) for sub in dataclasses.fields(SECTIONS[f.name]))
+        else:
+            out.append((f.name, f))
+    return out
 
 
 def valid_keys() -> list[str]:
     """All settable keys in dotted form, e.g. `lora.r`."""
-    keys = []
-    for name, tp in _field_types(TrainConfig).items():
-        if _is_section(tp):
-            keys.extend(f"{name}.{sub}" for sub in _field_types(tp))
-        else:
-            keys.append(name)
-    return keys
+    return [key for key, _ in schema_fields()]
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        if not prefix:
-            raise ConfigError(f"the config must be a mapping of keys to values, got {data!r}; write `key: value` lines.")
-        section = prefix.rstrip(".")
-        raise ConfigError(
-            f"config section {section!r} must be a mapping of keys to values, got {data!r}; "
-            f"write it as indented `key: value` lines under `{section}:`."
-        )
-    types_ = _field_types(cls)
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in types_:
-            choices = ", ".join(f"{prefix}{k}" for k in types_)
-            raise ConfigError(f"unknown config key {full!r}; valid keys here are: {choices}.")
-        tp = types_[key]
-        if _is_section(tp):
-            kwargs[key] = _build(tp, value or {}, f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
+def default_of(dotted: str) -> Any:
+    """The schema's default for a dotted key."""
+    return TrainConfig().get(dotted)
 
 
-def config_from_dict(data: dict) -> TrainConfig:
-    """Build a `TrainConfig` from nested dicts, refusing unknown keys and wrong types (not yet validated)."""
-    return _build(TrainConfig, data, "")
+def resume_keys() -> list[str]:
+    """The dotted keys a resumed run must keep (a checkpoint records them as its settings fingerprint)."""
+    return [key for key, f in schema_fields() if f.metadata.get("resume")]
 
 
-def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
-    """Return a copy of `data` with dotted keys (`lora.r`) set from command-line strings."""
-    keys = set(valid_keys())
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for dotted, value in overrides.items():
-        if dotted not in keys:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys are: {', '.join(sorted(keys))}.")
-        parts = dotted.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(
-                    f"config section {part!r} must be a mapping of keys to values, got {node!r}; "
-                    f"write it as indented `key: value` lines under `{part}:`."
-                )
-        node[parts[-1]] = value
-    return out
-
-
-def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> TrainConfig:
-    """Read a YAML training config, apply dotted overrides, validate, and return it.
-
-    Relative `model`, `data.train` and `data.eval` paths are taken relative to the YAML file's folder
-    when they exist there, so a config travels with its data.
-    """
-    import yaml
-
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config path {path} is a directory; give the path of a YAML training config file.")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; give the path of a YAML training config.")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path} line {line} is not UTF-8 text ({exc.reason}); save the file as UTF-8.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config file {path}{where} is not valid YAML ({problem}); fix its syntax.") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {path} holds a YAML {type(data).__name__}, not a mapping of settings; "
-            "write `key: value` lines such as `model: path/to/model` (see examples/qlora_instruct.yaml)."
-        )
-    data = apply_overrides(data, overrides or {})
-    config = config_from_dict(data)
-    base = path.parent
-    for holder, name in ((config, "model"), (config.data, "train"), (config.data, "eval")):
-        value = getattr(holder, name)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(holder, name, str(base / value))
-    config.validate()
-    return config
+def check_value(dotted: str, value: Any) -> str | None:
+    """The problem with `value` for the setting `dotted` (its rules, not its type), or None."""
+    fields = dict(schema_fields())
+    return _check_field(fields[dotted], value, dotted)
 
 
 def field_help() -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every setting, for `--help` output."""
-    rows = []
-    for f in dataclasses.fields(TrainConfig):
-        tp = _field_types(TrainConfig)[f.name]
-        if _is_section(tp):
-            for sub in dataclasses.fields(tp):
-                default = sub.default_factory() if sub.default is dataclasses.MISSING else sub.default
-                rows.append((f"{f.name}.{sub.name}", repr(default), sub.metadata.get("help", "")))
-        else:
-            rows.append((f.name, repr(f.default), f.metadata.get("help", "")))
-    return rows
+    return [(key, repr(default_of(key)), f.metadata.get("help", "")) for key, f in schema_fields()]

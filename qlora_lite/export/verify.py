@@ -87,7 +87,7 @@ def reference_logits(
     compute_dtype: str = "float32",
 ) -> torch.Tensor:
     """Logits (as fp32) of the quantized base + adapter, quantized as recorded in the adapter."""
-    from .merge import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
+    from .adapter import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
     from ..model.loader import load_quantized
 
     config = read_adapter_config(adapter_dir)

@@ -175,13 +175,13 @@ def _longest_seq(inv, report, budget: int) -> int:
 
 
 def _resume_keys() -> set[str]:
-    from ..training.loop import RESUME_KEYS
+    from ..config.settings import resume_keys
 
-    return set(RESUME_KEYS)
+    return set(resume_keys())
 
 
 def _resumable(overrides: dict[str, Any], keys: set[str]) -> bool:
-    return not any(key in keys or key.split(".")[0] in keys for key in overrides)
+    return not any(key in keys for key in overrides)
 
 
 def _describe(config: TrainConfig) -> str:

@@ -1,0 +1,215 @@
+"""Tokenizing records with loss masks, truncating, dropping target-less ones, packing: records -> `TokenizedDataset`.
+
+Labels by format (see `records.py`): `text` trains on every token (EOS appended); `prompt_completion` on the
+completion and the EOS appended to it; `messages` on the assistant turns, rendered through the chat template
+(`chat.py`).
+
+Masks are computed on characters and mapped to tokens through the tokenizer's offset mapping, so the
+tokens trained on are exactly the tokens the model sees when the same text is tokenized whole (no
+boundary artefacts from tokenizing pieces separately); a token is trained on when it holds any target
+character. Labels are aligned with `input_ids`
+(`labels[j]` is the target for position j; -100 means no loss); the loss shifts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from ..config.settings import DataConfig
+from ..errors import DataError
+from .batching import IGNORE_INDEX
+from .chat import render_chat
+from .records import load_records, record_format
+
+
+@dataclass
+class Example:
+    """One tokenized training sequence: token ids, aligned labels (-100 = no loss) and where it came from."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DatasetStats:
+    """What preparation did to the records, for the progress header and the summary."""
+
+    records: int = 0
+    sequences: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    packed: bool = False
+
+
+@dataclass
+class TokenizedDataset:
+    """Tokenized sequences ready for batching, with their statistics."""
+
+    examples: list[Example]
+    stats: DatasetStats
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def _tokenize_with_mask(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool, where: str):
+    """Token ids of `text` and labels that keep exactly the tokens holding a character of one of the char spans.
+
+    A token that straddles a span boundary (e.g. 'Ġ4' from prompt 'Q: ' + completion '4') is trained on:
+    it carries target text, and masking it would drop the answer's first token.
+    """
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_attention_mask=False)
+    except NotImplementedError:
+        raise DataError(f"{where}: the tokenizer is not a fast tokenizer, so loss masks cannot be placed; use a model with tokenizer.json.") from None
+    ids = list(enc["input_ids"])
+    labels = []
+    for tok, (start, end) in zip(ids, enc["offset_mapping"]):
+        inside = end > start and any(start < b and end > a for a, b in spans)
+        labels.append(tok if inside else IGNORE_INDEX)
+    return ids, labels
+
+
+def _append_eos(tokenizer, ids: list[int], labels: list[int], train_on_it: bool) -> None:
+    """Append the tokenizer's EOS unless the ids already end with it; trained on when `train_on_it`."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(eos if train_on_it else IGNORE_INDEX)
+
+
+def encode_record(record: dict, tokenizer, fmt: str, where: str) -> Example:
+    """Tokenize one record (no truncation) with the labels of its format."""
+    if fmt == "text":
+        ids, labels = _tokenize_with_mask(tokenizer, record["text"], [(0, len(record["text"]))], True, where)
+        _append_eos(tokenizer, ids, labels, True)
+        return Example(ids, labels, where)
+    if fmt == "prompt_completion":
+        prompt, completion = record["prompt"], record["completion"]
+        text = prompt + completion
+        ids, labels = _tokenize_with_mask(tokenizer, text, [(len(prompt), len(text))], True, where)
+        _append_eos(tokenizer, ids, labels, True)
+        return Example(ids, labels, where)
+    messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    try:
+        full = render_chat(tokenizer, messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+            after = render_chat(tokenizer, messages[: i + 1])
+            if not (full.startswith(before) and full.startswith(after) and len(after) >= len(before)):
+                raise DataError(
+                    f"{where}: the chat template does not render this conversation turn by turn (a prefix of the "
+                    "conversation renders differently inside the whole), so assistant tokens cannot be located; "
+                    "convert the records to prompt/completion."
+                )
+            spans.append((len(before), len(after)))
+    except DataError:
+        raise
+    except Exception as exc:  # jinja raises its own types (TemplateError, exceptions raised by the template)
+        raise DataError(f"{where}: the chat template cannot render this conversation ({str(exc).splitlines()[0][:160]}).") from None
+    ids, labels = _tokenize_with_mask(tokenizer, full, spans, False, where)
+    return Example(ids, labels, where)
+
+
+def _pack(examples: list[Example], max_seq_len: int) -> list[Example]:
+    """Greedy packing in order: whole examples are concatenated until the next would not fit.
+
+    The first label of every example after the first in a pack is dropped, so no loss is taken for
+    predicting one example's first token from the previous example. Attention is not blocked between
+    packed examples (plain causal attention over the pack), as in TRL's wrapped packing.
+    """
+    packs: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    sources: list[str] = []
+    for ex in examples:
+        if ids and len(ids) + len(ex) > max_seq_len:
+            packs.append(Example(ids, labels, "; ".join(sources)))
+            ids, labels, sources = [], [], []
+        ex_labels = list(ex.labels)
+        if ids:
+            ex_labels[0] = IGNORE_INDEX
+        ids = ids + list(ex.input_ids)
+        labels = labels + ex_labels
+        sources.append(ex.source)
+    if ids:
+        packs.append(Example(ids, labels, "; ".join(sources)))
+    return packs
+
+
+def build_dataset(
+    records: Iterable[tuple[str, dict]], tokenizer, max_seq_len: int, truncation: bool = True, packing: bool = False
+) -> TokenizedDataset:
+    """Tokenize records, truncate (or refuse) long ones, drop ones left without a target, optionally pack."""
+    stats = DatasetStats(packed=packing)
+    examples: list[Example] = []
+    for where, record in records:
+        stats.records += 1
+        fmt = record_format(record, where)
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+        ex = encode_record(record, tokenizer, fmt, where)
+        if len(ex) > max_seq_len:
+            if not truncation:
+                raise DataError(
+                    f"{where}: the record is {len(ex)} tokens long, more than data.max_seq_len={max_seq_len}; "
+                    "raise data.max_seq_len, shorten the record, or set data.truncation: true."
+                )
+            ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len], where)
+            stats.truncated += 1
+        # labels[0] is never a target (nothing precedes it), so a record needs a target after position 0.
+        if all(lab == IGNORE_INDEX for lab in ex.labels[1:]):
+            stats.dropped_no_target += 1
+            continue
+        examples.append(ex)
+    if not examples:
+        raise DataError(
+            f"no usable records ({stats.records} read, {stats.dropped_no_target} without any target token left after "
+            f"truncation to {max_seq_len} tokens); add data or raise data.max_seq_len."
+        )
+    if packing:
+        examples = _pack(examples, max_seq_len)
+    stats.sequences = len(examples)
+    stats.tokens = sum(len(e) for e in examples)
+    stats.target_tokens = sum(sum(1 for lab in e.labels[1:] if lab != IGNORE_INDEX) for e in examples)
+    return TokenizedDataset(examples, stats)
+
+
+def split_records(records: list[tuple[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval) with round(fraction * n) records (at least one) held out, chosen by a seeded shuffle."""
+    n = len(records)
+    n_eval = max(1, int(round(n * fraction)))
+    if n_eval >= n:
+        raise DataError(f"data.eval_fraction={fraction} leaves no training records out of {n}; lower it or add data.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    evals = [r for i, r in enumerate(records) if i in held]
+    return train, evals
+
+
+def prepare_data(config: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Train and (optional) eval datasets from the data settings: files or a split of the training file."""
+    records = load_records(config.train)
+    eval_records = None
+    if config.eval:
+        eval_records = load_records(config.eval)
+    elif config.eval_fraction > 0:
+        records, eval_records = split_records(records, config.eval_fraction, seed)
+    train = build_dataset(records, tokenizer, config.max_seq_len, config.truncation, config.packing)
+    evals = None
+    if eval_records is not None:
+        evals = build_dataset(eval_records, tokenizer, config.max_seq_len, config.truncation, packing=False)
+    return train, evals

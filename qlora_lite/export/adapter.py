@@ -1,0 +1,248 @@
+"""The PEFT adapter directory: writing it, reading it back, and the quantization record it carries.
+
+Adapter dir: `adapter_config.json` + `adapter_model.safetensors` with peft's key names
+(`base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads it.
+`adapter_config.json` carries one extra key, "qlora_lite", with the quantization the adapter was trained
+against (peft ignores unknown keys); the merged export re-creates that quantization from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config.settings import QuantConfig
+from ..errors import AdapterError, ConfigError
+from ..io.atomic import save_safetensors_atomic, write_json_atomic
+from ..io.safetensors import SafetensorsFile
+from ..model import quant
+from ..model.lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+QLORA_KEY = "qlora_lite"
+
+
+def _peft_target_modules(model: nn.Module) -> list[str] | str:
+    settings = model.qlora_lora
+    spec = settings.config.target_modules
+    if isinstance(spec, str) and spec != "all-linear":
+        return spec  # a regex: peft matches it against full module paths as we did
+    return sorted({name.rsplit(".", 1)[-1] for name in settings.targets})
+
+
+def _quant_record(model: nn.Module) -> dict | None:
+    settings = getattr(model, "qlora_quant", None)
+    if settings is None:
+        return None
+    return {
+        "bits": settings.bits,
+        "quant_type": settings.quant_type,
+        "double_quant": settings.double_quant,
+        "blocksize": settings.blocksize,
+        "int8_threshold": settings.int8_threshold,
+        "quantized_modules": list(getattr(model, "qlora_targets", []) or []),
+    }
+
+
+def adapter_config_dict(model: nn.Module) -> dict:
+    """The `adapter_config.json` content peft expects for this model's LoRA settings, plus our quant record."""
+    settings = getattr(model, "qlora_lora", None)
+    if settings is None:
+        raise AdapterError("this model has no LoRA adapters; call apply_lora(model, ...) first.")
+    cfg = settings.config
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(getattr(model.config, "name_or_path", "") or ""),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _peft_target_modules(model),
+        "use_rslora": cfg.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "revision": None,
+    }
+    record = _quant_record(model)
+    if record is not None:
+        config[QLORA_KEY] = record
+    return config
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write the model's LoRA adapter in PEFT's format to `out_dir` (each file written atomically)."""
+    out_dir = Path(out_dir)
+    config = adapter_config_dict(model)
+    tensors = {PEFT_PREFIX + k: v.detach() for k, v in adapter_state_dict(model).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_json_atomic(out_dir / ADAPTER_CONFIG, config)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The parsed `adapter_config.json` of an adapter dir, checked to be a plain LoRA adapter."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter directory {adapter_dir} does not exist; give the adapter/ folder of a run (or a peft adapter dir).")
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} has no {ADAPTER_CONFIG}; point to a directory written by save_adapter or peft.")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise AdapterError(f"{path} is not valid JSON ({exc}); re-save the adapter.") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path} describes a {config.get('peft_type')} adapter; only LoRA adapters are supported.")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise AdapterError(f"{path} lacks {key!r}; re-save the adapter with peft or qlora-lite.")
+    if config.get("use_dora"):
+        raise AdapterError(f"{path} is a DoRA adapter, which qlora-lite does not support.")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{path} has fully trained modules_to_save {config['modules_to_save']}, which qlora-lite does not support; re-train without them.")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{path} trains biases (bias={config['bias']!r}), which qlora-lite does not support; re-train with bias 'none'.")
+    return config
+
+
+def _module_key(adapter_key: str) -> str:
+    """peft's file key -> `<module path>.lora_A.weight` (prefix and adapter name removed)."""
+    name = adapter_key[len(PEFT_PREFIX) :] if adapter_key.startswith(PEFT_PREFIX) else adapter_key
+    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def _adapter_file(adapter_dir: str | Path) -> SafetensorsFile:
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise AdapterError(f"{Path(adapter_dir)} has no {ADAPTER_WEIGHTS}; only safetensors adapters are loaded.")
+    return SafetensorsFile(path)
+
+
+def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed by module path (`<path>.lora_A.weight`), peft's prefix removed."""
+    st = _adapter_file(adapter_dir)
+    return {_module_key(key): st.read(key) for key in st.keys()}
+
+
+def _stored_adapter_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    # peft saves fp32 adapters and computes them in fp32; rounding them to bf16 would move logits by ~1%.
+    dtypes = {t.dtype for t in tensors.values()}
+    return quant.COMPUTE_DTYPE if dtypes == {quant.COMPUTE_DTYPE} else torch.float32
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into `model`, applying LoRA first if the model has none.
+
+    LoRA applied here keeps the file's precision: bf16 adapters stay bf16, fp32 (peft's default) stay fp32.
+    """
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    if getattr(model, "qlora_lora", None) is None:
+        if config.get("rank_pattern"):
+            raise AdapterError(
+                f"the adapter in {adapter_dir} gives layers their own ranks (rank_pattern), which load_adapter does not support; "
+                "merge it with export_merged instead."
+            )
+        targets = config["target_modules"]
+        apply_lora(
+            model,
+            r=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            rslora=bool(config.get("use_rslora", False)),
+            adapter_dtype=_stored_adapter_dtype(tensors),
+        )
+    own = adapter_state_dict(model)
+    unexpected = sorted(set(tensors) - set(own))
+    if unexpected:
+        raise AdapterError(
+            f"adapter tensor {unexpected[0]!r} has no matching LoRA layer in this model; the adapter was trained on a different base."
+        )
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise AdapterError(f"the adapter in {adapter_dir} lacks {missing[0]!r}; it does not cover this model's LoRA layers.")
+    for name, tensor in tensors.items():
+        target = own[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise AdapterError(
+                f"adapter tensor {name!r} has shape {list(tensor.shape)} but this model expects {list(target.shape)}; "
+                "the adapter belongs to a different base model or rank."
+            )
+    _apply_patterns(model, config)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor.to(own[name].dtype))
+    return model
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key matching the end of the module path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _apply_patterns(model: nn.Module, config: dict) -> None:
+    # peft adapters may give some layers their own alpha; the scaling follows the file, as in peft.
+    if not config.get("alpha_pattern") and not config.get("rank_pattern"):
+        return
+    for name, layer in lora_layers(model).items():
+        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
+        layer.scaling = lora_scaling(layer.r, alpha, bool(config.get("use_rslora", False)))
+
+
+def adapter_quant_settings(config: dict) -> tuple[QuantConfig, bool]:
+    """The quantization an adapter was trained against, and whether the adapter recorded it.
+
+    Adapters saved by peft carry no record; they get the QLoRA defaults (4-bit NF4, double quant,
+    block size 64), which are also `load_quantized`'s defaults.
+    """
+    record = config.get(QLORA_KEY)
+    if not isinstance(record, dict):
+        return QuantConfig(), False
+    keys = ("bits", "quant_type", "double_quant", "blocksize", "int8_threshold")
+    settings = QuantConfig(**{k: record[k] for k in keys if k in record})
+    try:
+        settings.validate()
+    except ConfigError as exc:  # names a quant.* field; restate it as an adapter problem
+        raise AdapterError(f"{ADAPTER_CONFIG} records invalid quantization settings ({exc}); re-save the adapter.") from None
+    return settings, True
+
+
+def adapter_quantized_modules(config: dict) -> list[str] | None:
+    """The module paths that were quantized while the adapter trained, when the adapter recorded them."""
+    record = config.get(QLORA_KEY)
+    modules = record.get("quantized_modules") if isinstance(record, dict) else None
+    return list(modules) if modules else None
+
+
+__all__ = [
+    "PEFT_PREFIX",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "QLORA_KEY",
+    "adapter_config_dict",
+    "save_adapter",
+    "read_adapter_config",
+    "read_adapter_tensors",
+    "load_adapter",
+    "adapter_quant_settings",
+    "adapter_quantized_modules",
+]

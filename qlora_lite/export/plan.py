@@ -1,0 +1,252 @@
+"""The merged export's plan: every input checked and the output's tensors and shards decided from headers alone.
+
+The output's shard plan (names, shapes, offsets) is known from the safetensors headers and the adapter's
+config, so `plan_export` raises on any bad input before a single weight is read or a file written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config.settings import QuantConfig
+from ..config.units import parse_size
+from ..errors import AdapterError, ConfigError, ExportError
+from ..io.safetensors import SafetensorsFile, weight_files
+from ..model.lora import lora_scaling
+from .adapter import _adapter_file, _module_key, _pattern_value, adapter_quant_settings, adapter_quantized_modules, read_adapter_config
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MERGE_MODES = ("dequantized", "original")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass(frozen=True)
+class _Lora:
+    key_a: str
+    key_b: str
+    scaling: float
+
+
+@dataclass
+class _Item:
+    """One output tensor: where it comes from and what happens to it."""
+
+    key: str
+    shard: SafetensorsFile
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    conv1d: bool = False
+    dequantize: bool = False
+    lora: _Lora | None = None
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class ExportPlan:
+    """Everything `export_merged` decided from headers and configs, before any weight is read."""
+
+    base_dir: Path
+    adapter_dir: Path
+    out_dir: Path
+    dtype: torch.dtype
+    merge_into: str
+    quant: QuantConfig
+    quant_recorded: bool
+    adapter: SafetensorsFile
+    config: dict
+    items: list[_Item]
+    shards: list[list[_Item]] = field(default_factory=list)
+    replace_existing: bool = False
+
+    @property
+    def shard_names(self) -> list[str]:
+        n = len(self.shards)
+        if n == 1:
+            return ["model.safetensors"]
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: the directory, its shard files, their bytes, and the settings used."""
+
+    path: Path
+    shard_files: list[str]
+    total_bytes: int
+    merged_tensors: int
+    dtype: str
+    merge_into: str
+    quant: QuantConfig
+    quant_recorded: bool
+
+
+def _max_shard_bytes(value: str | int) -> int:
+    """The max shard size in bytes, read by the shared size parser; its message raised as an `ExportError`."""
+    try:
+        return parse_size(value, "max shard size")
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _check_options(dtype: str, merge_into: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not supported for export; use 'float16' or 'bfloat16'.")
+    if merge_into not in MERGE_MODES:
+        raise ExportError(f"merge_into {merge_into!r} is unknown; use 'dequantized' (the function the adapter trained against) or 'original'.")
+    return DTYPES[dtype]
+
+
+def _check_out_dir(out_dir: Path, base_dir: Path, adapter_dir: Path, overwrite: bool) -> bool:
+    """Refuse an output dir that would clobber data; True when an existing (empty or allowed) dir is replaced."""
+    out = out_dir.resolve()
+    for name, src in (("base model", base_dir), ("adapter", adapter_dir)):
+        src = src.resolve()
+        if out == src or out in src.parents:
+            raise ExportError(f"output directory {out_dir} holds the {name} ({src}); choose a different --out.")
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise ExportError(f"output path {out_dir} is a file; choose a directory path for --out.")
+    if any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"output directory {out_dir} exists and is not empty; choose another --out or pass --overwrite to replace it.")
+    return True
+
+
+def _lora_index(adapter: SafetensorsFile, config: dict) -> dict[str, _Lora]:
+    """module path -> its adapter keys and scaling; refuses tensors that are not LoRA A/B matrices."""
+    keys: dict[str, dict[str, str]] = {}
+    for key in adapter.keys():
+        name = _module_key(key)
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if name.endswith(suffix):
+                keys.setdefault(name[: -len(suffix)], {})[part] = key
+                break
+        else:
+            raise AdapterError(
+                f"adapter tensor {key!r} is not a LoRA A/B matrix (embedding LoRA, biases and modules_to_save are not supported); re-train a plain LoRA adapter."
+            )
+    index = {}
+    for module, pair in keys.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            missing = "lora_B" if "lora_A" in pair else "lora_A"
+            raise AdapterError(f"the adapter has no {module}.{missing}.weight for its other half; re-save the adapter.")
+        for key in pair.values():
+            if len(adapter.shape(key)) != 2:
+                raise AdapterError(f"adapter tensor {key!r} has shape {list(adapter.shape(key))}, not a matrix; re-save the adapter.")
+        r = adapter.shape(pair["lora_A"])[0]
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+        index[module] = _Lora(pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora", False))))
+    if not index:
+        raise AdapterError(f"{adapter.path} holds no LoRA tensors; re-save the adapter.")
+    return index
+
+
+def _check_lora_shapes(item: _Item, lora: _Lora, adapter: SafetensorsFile) -> None:
+    out_f, in_f = (item.shape[1], item.shape[0]) if item.conv1d else item.shape
+    shape_a, shape_b = adapter.shape(lora.key_a), adapter.shape(lora.key_b)
+    layout = "[in, out]" if item.conv1d else "[out, in]"
+    for key, shape, ok in (
+        (lora.key_a, shape_a, len(shape_a) == 2 and shape_a[1] == in_f),
+        (lora.key_b, shape_b, len(shape_b) == 2 and shape_b[0] == out_f and shape_b[1] == shape_a[0]),
+    ):
+        if not ok:
+            raise AdapterError(
+                f"adapter tensor {key!r} has shape {list(shape)} but the base weight {item.key!r} is {list(item.shape)} "
+                f"({layout}, so lora_A must be [r, {in_f}] and lora_B [{out_f}, r]); the adapter belongs to a different base model."
+            )
+
+
+def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.dtype, trust_remote_code: bool):
+    """Output items for every checkpoint tensor, with the checkpoint key -> model path map and Conv1D flags."""
+    from ..model.loader import checkpoint_key_map, is_conv1d, build_skeleton, load_config
+
+    skeleton = build_skeleton(load_config(base_dir, trust_remote_code), trust_remote_code)
+    items, paths, seen = [], {}, set()
+    for shard in shards:
+        key_map = checkpoint_key_map(skeleton, shard.keys())
+        for key in shard.keys():
+            if key in seen:
+                continue
+            seen.add(key)
+            dtype = out_dtype if shard.dtype(key).is_floating_point else shard.dtype(key)
+            item = _Item(key, shard, shard.shape(key), dtype)
+            name = key_map.get(key)
+            if name is not None and name.endswith(".weight"):
+                module_path = name[: -len(".weight")]
+                paths[module_path] = item
+                item.conv1d = is_conv1d(skeleton.get_submodule(module_path))
+            items.append(item)
+    return items, paths
+
+
+def _assign_shards(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
+    """Greedy split in checkpoint order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[_Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def plan_export(
+    base_path: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float16",
+    merge_into: str = "dequantized",
+    *,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> ExportPlan:
+    """Check every input and decide the output layout from headers alone; raises before anything is written."""
+    from ..model.loader import check_model_dir
+
+    out_dtype = _check_options(dtype, merge_into)
+    max_bytes = _max_shard_bytes(max_shard_size)
+    base_dir = check_model_dir(base_path)
+    shards = [SafetensorsFile(p) for p in weight_files(base_dir)]
+    config = read_adapter_config(adapter_dir)
+    adapter = _adapter_file(adapter_dir)
+    loras = _lora_index(adapter, config)
+    settings, recorded = adapter_quant_settings(config)
+    replace = _check_out_dir(Path(out_dir), base_dir, Path(adapter_dir), overwrite)
+
+    items, by_path = _base_items(base_dir, shards, out_dtype, trust_remote_code)
+    for module, lora in loras.items():
+        item = by_path.get(module)
+        if item is None or len(item.shape) != 2 or not item.shape[0]:
+            raise AdapterError(
+                f"adapter tensor {lora.key_a!r} targets {module}, which has no 2-D weight in {base_dir}; the adapter belongs to a different base model."
+            )
+        _check_lora_shapes(item, lora, adapter)
+        item.lora = lora
+    if merge_into == "dequantized":
+        quantized = adapter_quantized_modules(config) or list(loras)
+        for module in quantized:
+            if module in by_path and len(by_path[module].shape) == 2:
+                by_path[module].dequantize = True
+
+    model_config = json.loads((base_dir / "config.json").read_text())
+    plan = ExportPlan(base_dir, Path(adapter_dir), Path(out_dir), out_dtype, merge_into, settings, recorded, adapter, model_config, items)
+    plan.shards = _assign_shards(items, max_bytes)
+    plan.replace_existing = replace
+    return plan
+
+
+__all__ = ["ExportPlan", "ExportResult", "plan_export", "DEFAULT_MAX_SHARD_SIZE"]

@@ -1,0 +1,51 @@
+"""What a finished run returns (`TrainResult`) and the events a run reports while it goes (`Reporter`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..data.encode import DatasetStats
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and measured."""
+
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_perplexity: float | None
+    resumed_from: int | None
+    tokens: int
+    seconds: float
+    data: "DatasetStats"
+    eval_data: "DatasetStats | None"
+    trainable_params: int
+    total_params: int
+    history: list[dict] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # what resume found and did (skipped checkpoints, leftovers)
+
+
+class Reporter:
+    """Receives training events; this base ignores them. cli passes a subclass that renders progress."""
+
+    def on_start(self, info: dict) -> None:
+        """Run facts before the first step: steps, data statistics, parameter counts, device, resume step, and
+        `notices`: what resume found and did (checkpoints skipped as incomplete or corrupted, leftovers removed)."""
+
+    def on_step(self, record: dict) -> None:
+        """After every optimizer step: step, loss, lr, grad_norm, tokens_per_s, epoch (and mem_gib on CUDA)."""
+
+    def on_eval(self, record: dict) -> None:
+        """After an eval pass: step, eval_loss, eval_ppl."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """After a checkpoint directory is complete."""
+
+    def on_end(self, result: TrainResult) -> None:
+        """After the final adapter is written."""

@@ -1,0 +1,59 @@
+"""Everything a run needs before its first step: tokenizer, data, the quantized model with LoRA and
+checkpointing, and the adapter optimizer. Tokenizer, context length and data come first, so bad data fails in
+seconds, before a large base loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config.settings import TrainConfig
+from ..data.encode import TokenizedDataset, prepare_data
+from ..errors import ConfigError, DataError
+from ..model import loader
+from ..model.lora import apply_lora
+from .checkpointing import enable_gradient_checkpointing
+from .optim import AdapterOptimizer
+
+
+@dataclass
+class RunParts:
+    """The objects a training run works with."""
+
+    tokenizer: object
+    train_data: TokenizedDataset
+    eval_data: TokenizedDataset | None
+    model: torch.nn.Module
+    optimizer: AdapterOptimizer
+
+
+def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
+    """Tokenizer and data (checked first), then the quantized base with LoRA, checkpointing and the optimizer."""
+    s = config.train
+    model_dir = loader.check_model_dir(config.model)
+    model_config = loader.load_config(model_dir, config.trust_remote_code)  # before the tokenizer, which reads it too
+    tokenizer = loader.load_tokenizer_from(model_dir, config.trust_remote_code)
+    if tokenizer is None:
+        raise DataError(f"the model directory {model_dir} has no tokenizer files; copy the tokenizer next to config.json.")
+    context = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "max_position_embeddings", None)
+    if context and config.data.max_seq_len > context:
+        raise ConfigError(
+            f"data.max_seq_len is {config.data.max_seq_len}, longer than the model's context of {context} tokens; "
+            f"set data.max_seq_len <= {context}."
+        )
+    train_ds, eval_ds = prepare_data(config.data, tokenizer, s.seed)
+    q, lc = config.quant, config.lora
+    model, _ = loader.load_quantized(
+        model_dir, q.bits, q.quant_type, q.double_quant, device, lc.target_modules, blocksize=q.blocksize,
+        int8_threshold=q.int8_threshold, trust_remote_code=config.trust_remote_code, load_tokenizer=False,
+    )  # fmt: skip
+    apply_lora(
+        model, lc.r, lc.alpha, lc.dropout, lc.target_modules, rslora=lc.rslora,
+        adapter_dtype=getattr(torch, lc.adapter_dtype), seed=s.seed,
+    )  # fmt: skip
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(model, offload=s.offload_activations)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
+    return RunParts(tokenizer, train_ds, eval_ds, model, optimizer)
