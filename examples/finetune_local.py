@@ -26,27 +26,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def memory_check(config, console: Console, force: bool) -> None:
-    """Predict peak GPU memory for this config and compare it with the GPU (skipped if this build has no memory model)."""
-    try:
-        estimate_memory = qlora_lite.estimate_memory
-    except (AttributeError, ImportError):
-        console.print("[dim]memory report: not available in this build; skipping the check[/]")
-        return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = estimate_memory(
-        config.model, bits=config.quant.bits, quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
-        rank=config.lora.r, targets=config.lora.target_modules, seq_len=config.data.max_seq_len,
-        batch_size=config.train.micro_batch_size, grad_accum=config.train.grad_accum,
-        gradient_checkpointing=config.train.gradient_checkpointing, optimizer=config.train.optimizer, device=device,
-    )
+    """Predict peak GPU memory for this config (as `qlora-lite memory CONFIG.yaml` does) and compare it with the GPU."""
+    report = qlora_lite.estimate_memory(config)  # the config's own settings, on CUDA
     console.print(f"memory report for {config.model}: predicted peak {report.total / 2**30:.2f} GiB")
     for name, size in report.components.items():
         console.print(f"  {name:<28} {size / 2**30:8.3f} GiB")
-    if device == "cuda":
+    if torch.cuda.is_available():
         budget = torch.cuda.get_device_properties(0).total_memory
         if not report.fits(budget):
             message = (f"the run needs about {report.total / 2**30:.1f} GiB but the GPU has {budget / 2**30:.1f} GiB; "
-                       "lower --train.micro_batch_size or --data.max_seq_len (raise --train.grad_accum to keep the batch)")
+                       f"see `qlora-lite memory CONFIG.yaml --gpu-memory {budget / 2**30:.1f}GiB` for what to change")
             if not force:
                 raise SystemExit(message + ", or pass --force.")
             console.print(f"[yellow]warning:[/] {message}.")

@@ -138,95 +138,6 @@ def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 1
 
 
-# ---------------------------------------------------------------------------------------- memory
-def _add_memory(sub) -> None:
-    p = sub.add_parser(
-        "memory",
-        help="predict GPU memory for a run and say whether it fits",
-        description="Predict the peak GPU memory of QLoRA training per component, check it against a budget, "
-        "and recommend the largest micro-batch, the longest sequence and the setting that saves most.",
-    )
-    p.add_argument("model", help="model directory (config.json is enough) or a preset: see --list-presets")
-    p.add_argument("--bits", type=int, default=4, help="4 (NF4/FP4) or 8 (LLM.int8)")
-    p.add_argument("--quant-type", default="nf4", help="4-bit data type: nf4 or fp4")
-    p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization of the absmax")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--targets", default="all-linear", help="all-linear, or module names such as q_proj,v_proj")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (> 0 keeps a copy of each LoRA input)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
-    p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
-    p.add_argument("--optimizer", default="paged_adamw_8bit", help="paged_adamw_8bit, adamw_8bit or adamw")
-    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="lm_head + cross-entropy in chunks of 128 tokens, as the trainer does by default")
-    p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs kept in CPU memory")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--padding", action="store_true", help="micro-batches contain padding (an attention mask is built)")
-    p.add_argument("--attn", default=None, help="attention implementation to count: sdpa or eager (default: transformers' pick)")
-    p.add_argument("--gpu-memory", default=None, help="budget such as 12GiB, or a GPU name such as rtx-4090-24gb")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.set_defaults(handler=_cmd_memory)
-
-
-def _cmd_memory(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    import json
-
-    from rich.table import Table
-
-    from ..memory.model import COMPONENT_LABELS, build_inventory, describe_components, make_settings, report_for
-    from ..memory.advice import advise, gib, parse_budget
-
-    targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
-    settings = make_settings(
-        bits=args.bits, quant_type=args.quant_type, double_quant=not args.no_double_quant, rank=args.rank, targets=targets,
-        lora_dropout=args.lora_dropout, seq_len=args.seq_len, batch_size=args.batch_size,
-        gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer, chunked_loss=args.chunked_loss,
-        offload_activations=args.offload_activations,
-        attn_implementation=args.attn, grad_accum=args.grad_accum, padding=args.padding,
-    )
-    budget, label = parse_budget(args.gpu_memory) if args.gpu_memory else (None, None)
-    inventory = build_inventory(args.model)
-    report = report_for(inventory, settings)
-    advice = advise(inventory, report, budget, label)
-    console = _console()
-    if args.json:
-        console.print_json(json.dumps({**report.to_dict(), "advice": advice.to_dict()}))
-        return 0
-    s = settings
-    quant = f"{s.bits}-bit" + (f" {s.quant_type}{' + double quant' if s.double_quant else ''}" if s.bits == 4 else " LLM.int8")
-    console.print(
-        f"[bold]{report.model}[/] ({report.details['parameters'] / 1e9:.2f}B params): {quant}, r={s.rank} on "
-        f"{report.details['targeted_layers']} layers, seq {s.seq_len} x micro-batch {s.batch_size}, checkpointing "
-        f"{'on' if s.gradient_checkpointing else 'off'}, {report.details['optimizer_in_use']}, "
-        f"{report.details['attention']} attention{', chunked loss' if s.chunked_loss else ''}"
-    )
-    table = Table(show_footer=True)
-    how = describe_components(report)
-    table.add_column("component", footer="total")
-    table.add_column("GiB", justify="right", footer=gib(report.total))
-    table.add_column("what is counted", footer=f"peak in the {report.peak_phase} phase")
-    for key, value in report.components.items():
-        table.add_row(COMPONENT_LABELS.get(key, key), gib(value), how.get(key, ""))
-    for key, value in report.other_phases.items():
-        table.add_row(f"[dim]{COMPONENT_LABELS.get(key, key)}[/]", f"[dim]({gib(value)})[/]", "[dim]other phase, not at the peak[/]")
-    console.print(table)
-    for note in report.notes:
-        console.print(f"note: {note}")
-    if advice.budget is not None:
-        verdict = "[green]fits[/]" if advice.fits else "[red]does not fit[/]"
-        margin = f"{gib(advice.headroom)} GiB headroom" if advice.fits else f"over by {gib(-advice.headroom)} GiB"
-        console.print(f"verdict: {verdict} in {gib(advice.budget)} GiB ({advice.budget_label}): {margin}")
-        console.print(f"largest micro-batch at seq {s.seq_len}: {advice.max_batch_size}")
-        limit = " (the model's context length)" if advice.max_seq_len == advice.seq_limit else ""
-        console.print(f"longest sequence at micro-batch 1: {advice.max_seq_len:,} tokens{limit}")
-    if advice.best_switch:
-        best = advice.best_switch
-        console.print(f"biggest single saving: {best.name}: -{gib(best.saves)} GiB -> {gib(best.total)} GiB")
-        for other in advice.switches[1:]:
-            console.print(f"  then: {other.name}: -{gib(other.saves)} GiB -> {gib(other.total)} GiB")
-    return 0
-
-
 # ------------------------------------------------------------------------------------------ demo
 def _add_demo(sub) -> None:
     p = sub.add_parser(
@@ -308,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
-    for add in (_add_train, _add_export, _add_memory, _add_demo):
+    from . import memory
+
+    for add in (_add_train, _add_export, memory.add_parser, _add_demo):
         add(sub)
     return parser
 

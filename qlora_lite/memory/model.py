@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelLoadError
-from ..training.optim import OPTIMIZERS
+from .settings import RunSettings, make_settings
 from ..model.quant import weight_bytes_4bit, weight_bytes_8bit
 
 MiB = 1 << 20
@@ -43,89 +43,7 @@ BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes Optimizer2State(min_8bit_size=4096): sm
 BNB_STATE_BLOCK = 256  # bitsandbytes 8-bit optimizers quantize state1/state2 blockwise, 256 values per fp32 absmax
 BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer pages only tensors with numel >= 1e5
 CUBLAS_WORKSPACE = 32 * MiB  # torch's default cuBLAS workspace on sm90 (CUBLAS_WORKSPACE_CONFIG=:4096:8), per handle
-CUDA_CONTEXT = 500 * MiB  # CUDA 12 context + kernels loaded lazily; typically 300-600 MiB, outside torch's allocator
 ALLOCATOR_SLACK = 0.03  # caching-allocator rounding/splitting on top of the phase model (uncalibrated guess, see docs)
-DEFAULT_LOSS_CHUNK = 128  # tokens per lm_head + cross-entropy chunk when chunked_loss is on
-
-# ----------------------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The run settings the estimate depends on (the training config's quant / lora / data / train keys)."""
-
-    bits: int = 4
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
-    rank: int = 16
-    targets: Any = "all-linear"
-    lora_dropout: float = 0.0
-    seq_len: int = 1024
-    batch_size: int = 1
-    gradient_checkpointing: bool = True
-    grad_accum: int = 4  # micro-batches per optimizer step: > 1 keeps fp32 gradients across forwards
-    optimizer: str = "paged_adamw_8bit"
-    chunked_loss: bool = True  # the trainer's default (train.loss_chunk_tokens = 128)
-    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK
-    offload_activations: bool = False  # checkpointed layer inputs held in pinned CPU memory (train.offload_activations)
-    attn_implementation: str | None = None  # None: what transformers picks for the config (sdpa, or eager)
-    padding: bool = False  # micro-batches hold padding: a [b, 1, s, s] mask, so SDPA cannot use its flash kernel
-    device: str = "cuda"  # "cuda" or "cpu": which kernels' temporaries, allocator and context apply
-    cuda_context_bytes: int = CUDA_CONTEXT
-
-    def validate(self) -> None:
-        """Raise `ConfigError` naming the first setting that cannot describe a run."""
-        if self.bits not in (4, 8):
-            raise ConfigError(f"bits is {self.bits}, but only 4 (NF4/FP4) and 8 (LLM.int8) are supported; use 4 or 8.")
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"quant_type is {self.quant_type!r}; use 'nf4' or 'fp4'.")
-        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
-            raise ConfigError(f"blocksize is {self.blocksize}; use a power of two from 64 to 4096.")
-        for name in ("rank", "seq_len", "batch_size", "loss_chunk_tokens", "grad_accum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} is {value!r}; it must be a positive whole number.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout is {self.lora_dropout}; it must be in [0, 1).")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r} is not supported; use one of {', '.join(OPTIMIZERS)}.")
-        if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
-            raise ConfigError(f"attn_implementation is {self.attn_implementation!r}; use sdpa, eager or flash_attention_2.")
-        if self.device not in ("cuda", "cpu"):
-            raise ConfigError(f"device is {self.device!r}; use 'cuda' or 'cpu'.")
-        if isinstance(self.targets, (list, tuple)) and not self.targets:
-            raise ConfigError("targets is an empty list; name at least one module (e.g. q_proj,v_proj) or use 'all-linear'.")
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per micro-batch."""
-        return self.batch_size * self.seq_len
-
-    @property
-    def optimizer_in_use(self) -> str:
-        """Paged optimizers exist only on CUDA; `AdapterOptimizer` falls back to adamw_8bit elsewhere."""
-        return "adamw_8bit" if self.optimizer == "paged_adamw_8bit" and self.device != "cuda" else self.optimizer
-
-
-SETTING_NAMES = tuple(f.name for f in fields(RunSettings))
-SETTING_ALIASES = {"r": "rank", "target_modules": "targets", "micro_batch_size": "batch_size", "max_seq_len": "seq_len"}
-
-
-def make_settings(**run_settings: Any) -> RunSettings:
-    """`RunSettings` from keyword arguments (aliases r, target_modules, micro_batch_size, max_seq_len accepted)."""
-    kwargs = {}
-    for key, value in run_settings.items():
-        name = SETTING_ALIASES.get(key, key)
-        if name not in SETTING_NAMES:
-            raise ConfigError(f"unknown memory setting {key!r}; valid settings are: {', '.join(SETTING_NAMES)}.")
-        kwargs[name] = value
-    if isinstance(kwargs.get("targets"), tuple):
-        kwargs["targets"] = list(kwargs["targets"])
-    settings = RunSettings(**kwargs)
-    settings.validate()
-    return settings
-
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -455,7 +373,7 @@ def _attention_mode(inv: Inventory, s: RunSettings) -> str:
 def _sdpa_masked(inv: Inventory, s: RunSettings) -> bool:
     # transformers passes no mask to SDPA (is_causal) unless the batch is padded or a sliding window is shorter
     # than the sequence; with a mask SDPA runs the memory-efficient kernel, with K/V repeated to every head
-    return s.padding or (inv.sliding_window is not None and s.seq_len > inv.sliding_window)
+    return s.padded or (inv.sliding_window is not None and s.seq_len > inv.sliding_window)
 
 
 def _lora_saved(inv: Inventory, layer_targets: list[LinearInfo], s: RunSettings, mode: str) -> int:
@@ -810,7 +728,7 @@ def _notes(inv: Inventory, s: RunSettings, paged: int) -> list[str]:
     if s.targets != "all-linear":
         notes.append("linear layers outside the LoRA targets stay bf16: the trainer quantizes only lora.target_modules")
     if _sdpa_masked(inv, s) and _attention_mode(inv, s) == "flash":
-        why = "padded micro-batches" if s.padding else f"sequences longer than the sliding window ({inv.sliding_window})"
+        why = "padded micro-batches" if s.padded else f"sequences longer than the sliding window ({inv.sliding_window})"
         notes.append(f"{why} need an attention mask: SDPA's memory-efficient kernel with K/V repeated (counted)")
     return notes
 
@@ -818,14 +736,22 @@ def _notes(inv: Inventory, s: RunSettings, paged: int) -> list[str]:
 def estimate_memory(config_or_path: Any, **run_settings: Any) -> MemoryReport:
     """Predict the GPU memory of one QLoRA training step; see the module doc for the model.
 
-    `config_or_path`: a model directory, a config.json path, a transformers config, a dict or a preset name
-    (`preset_names()`). `run_settings`: the fields of `RunSettings` (bits, rank, targets, seq_len,
-    batch_size, gradient_checkpointing, optimizer, chunked_loss, ...). Raises `ConfigError` for settings
-    that cannot describe a run and for unknown presets.
+    `config_or_path`: a `TrainConfig` (its model and settings; `run_settings` may add memory-only ones such as
+    `device`), or a model directory, a config.json path, a transformers config, a dict or a preset name
+    (`preset_names()`) with `run_settings` the fields of `RunSettings` (bits, rank, targets, seq_len,
+    batch_size, gradient_checkpointing, optimizer, loss_chunk_tokens, ...), whose defaults are the trainer's.
+    Raises `ConfigError` for settings that cannot describe a run and for unknown presets.
     """
-    settings = make_settings(**run_settings)
-    inv = build_inventory(config_or_path)
-    return report_for(inv, settings)
+    from ..config.settings import TrainConfig
+    from .settings import settings_from_config
+
+    if isinstance(config_or_path, TrainConfig):
+        config_or_path.validate(for_training=False)
+        settings = settings_from_config(config_or_path, **run_settings)
+        config_or_path = config_or_path.model
+    else:
+        settings = make_settings(**run_settings)
+    return report_for(build_inventory(config_or_path), settings)
 
 
 def report_for(inv: Inventory, s: RunSettings) -> MemoryReport:

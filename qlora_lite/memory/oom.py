@@ -19,12 +19,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config.settings import TrainConfig
 from ..errors import QloraLiteError
+
+if TYPE_CHECKING:
+    from .settings import RunSettings
 
 # Budget override in bytes or a GPU name (memory_advice.parse_budget): planning for a GPU that is shared, or
 # giving the CPU tests a budget.
@@ -108,40 +111,23 @@ class OomAdvice:
         return out
 
 
-def memory_settings(config: TrainConfig) -> dict[str, Any]:
-    """The memory model's run settings (`memory.RunSettings` fields) for a training config, on CUDA."""
-    from .model import SETTING_NAMES
+def memory_settings(config: TrainConfig) -> "RunSettings":
+    """The memory model's run settings for a training config, on CUDA (`settings.settings_from_config`)."""
+    from .settings import settings_from_config
 
-    q, lora, d, t = config.quant, config.lora, config.data, config.train
-    chunk = getattr(t, "loss_chunk_tokens", 0)
-    settings: dict[str, Any] = dict(
-        bits=q.bits, quant_type=q.quant_type, double_quant=q.double_quant, blocksize=q.blocksize, rank=lora.r,
-        targets=lora.target_modules, lora_dropout=lora.dropout, seq_len=d.max_seq_len, batch_size=t.micro_batch_size,
-        gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum, optimizer=t.optimizer,
-        chunked_loss=chunk > 0, padding=_padding(config, t.micro_batch_size), device="cuda",
-    )
-    if chunk > 0:
-        settings["loss_chunk_tokens"] = chunk
-    if "offload_activations" in SETTING_NAMES:
-        settings["offload_activations"] = bool(getattr(t, "offload_activations", False))
-    return settings
+    return settings_from_config(config, device="cuda")
 
 
-def _padding(config: TrainConfig, micro_batch: int) -> bool:
-    # Records of different lengths in one micro-batch are padded; packed sequences (and single ones) are not.
-    return micro_batch > 1 and not config.data.packing
-
-
-def _candidates(config: TrainConfig, settings: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+def _candidates(config: TrainConfig, s: "RunSettings") -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(description, config overrides, memory-setting changes), least intrusive first."""
-    from .model import SETTING_NAMES
+    from ..config.settings import default_of
 
     t = config.train
     out = []
-    if not settings["chunked_loss"] and hasattr(t, "loss_chunk_tokens"):
-        chunk = type(t)().loss_chunk_tokens or 256  # the trainer's default chunk
+    if not s.chunked_loss:
+        chunk = default_of("train.loss_chunk_tokens")
         out.append((f"chunked loss (train.loss_chunk_tokens {chunk})", {"train.loss_chunk_tokens": chunk},
-                    {"chunked_loss": True, "loss_chunk_tokens": chunk}))
+                    {"chunked_loss": True, "loss_chunk_tokens": chunk}))  # fmt: skip
     if not t.gradient_checkpointing:
         out.append(("gradient checkpointing on", {"train.gradient_checkpointing": True}, {"gradient_checkpointing": True}))
     b, accum = t.micro_batch_size, t.grad_accum
@@ -152,10 +138,9 @@ def _candidates(config: TrainConfig, settings: dict[str, Any]) -> list[tuple[str
             out.append((
                 f"micro-batch {b} -> {smaller} with grad_accum {accum} -> {more} (the same {per_step} sequences per optimizer step)",
                 {"train.micro_batch_size": smaller, "train.grad_accum": more},
-                {"batch_size": smaller, "grad_accum": more, "padding": _padding(config, smaller)},
-            ))
-    if "offload_activations" in SETTING_NAMES and hasattr(t, "offload_activations") and t.gradient_checkpointing \
-            and not t.offload_activations:
+                {"batch_size": smaller, "grad_accum": more},
+            ))  # fmt: skip
+    if t.gradient_checkpointing and not t.offload_activations:
         out.append(("activation offload to CPU memory", {"train.offload_activations": True}, {"offload_activations": True}))
     return out
 
@@ -199,11 +184,11 @@ def advise_after_oom(config: TrainConfig, budget: int | None, budget_label: str 
     shorter sequence is not offered. When no single change reaches the target, the one with the lowest
     prediction is given, marked as not fitting. Without a budget, the target is 15% under the prediction.
     """
-    from .model import build_inventory, make_settings, report_for, with_settings
+    from .model import build_inventory, report_for, with_settings
 
     settings = memory_settings(config)
     inv = build_inventory(config.model)
-    report = report_for(inv, make_settings(**settings))
+    report = report_for(inv, settings)
     note = None
     over = budget is not None and report.total > budget
     if over:

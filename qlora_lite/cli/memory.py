@@ -1,0 +1,151 @@
+"""`qlora-lite memory`: the predicted peak GPU memory of a run, per component, against a budget.
+
+The run is described by a training YAML (`qlora-lite memory run.yaml`) or by a model dir / preset with the
+trainer's defaults; the flags below and any `--section.key value` override change it. Either way the
+settings go through `memory.settings.settings_from_config`, as the trainer's out-of-memory advice does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import console
+
+# flag -> config key it overrides (the defaults are the config's, i.e. the trainer's)
+FLAG_KEYS = {
+    "bits": "quant.bits", "quant_type": "quant.quant_type", "rank": "lora.r", "lora_dropout": "lora.dropout",
+    "seq_len": "data.max_seq_len", "batch_size": "train.micro_batch_size", "grad_accum": "train.grad_accum",
+    "optimizer": "train.optimizer",
+}  # fmt: skip
+
+
+def add_parser(sub: Any) -> None:
+    """Register `memory` and its flags."""
+    p = sub.add_parser(
+        "memory",
+        help="predict GPU memory for a run and say whether it fits",
+        description="Predict the peak GPU memory of QLoRA training per component, check it against a budget, "
+        "and recommend the largest micro-batch, the longest sequence and the setting that saves most. "
+        "Give a training YAML (its settings are used) or a model dir / preset (the trainer's defaults); "
+        "flags and --section.key value overrides change either.",
+    )
+    p.add_argument("model", nargs="?", help="training YAML, model directory (config.json is enough) or a preset (see --list-presets)")
+    p.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
+    p.add_argument("--bits", type=int, default=None, help="4 (NF4/FP4) or 8 (LLM.int8); quant.bits")
+    p.add_argument("--quant-type", default=None, help="4-bit data type: nf4 or fp4; quant.quant_type")
+    p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization of the absmax")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank; lora.r")
+    p.add_argument("--targets", default=None, help="all-linear, or module names such as q_proj,v_proj; lora.target_modules")
+    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (> 0 keeps a copy of each LoRA input)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; data.max_seq_len")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch; train.micro_batch_size")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step; train.grad_accum")
+    p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    p.add_argument("--optimizer", default=None, help="paged_adamw_8bit, adamw_8bit or adamw; train.optimizer")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="lm_head + cross-entropy in chunks (train.loss_chunk_tokens), as the trainer does by default")
+    p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs kept in CPU memory")
+    p.add_argument("--padding", action=argparse.BooleanOptionalAction, default=None,
+                   help="micro-batches contain padding (default: when micro-batch > 1 without packing)")
+    p.add_argument("--attn", default=None, help="attention implementation to count: sdpa or eager (default: transformers' pick)")
+    p.add_argument("--gpu-memory", default=None, help="budget such as 12GiB, or a GPU name such as rtx-4090-24gb")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(handler=run, accepts_overrides=True)
+
+
+def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """The flags as config overrides, then the explicit --section.key ones (which win)."""
+    out: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.targets is not None:
+        out["lora.target_modules"] = args.targets if args.targets == "all-linear" else [
+            t.strip() for t in args.targets.split(",") if t.strip()
+        ]
+    if args.no_double_quant:
+        out["quant.double_quant"] = False
+    if args.no_checkpointing:
+        out["train.gradient_checkpointing"] = False
+    if args.offload_activations:
+        out["train.offload_activations"] = True
+    if args.chunked_loss is False:
+        out["train.loss_chunk_tokens"] = 0
+    return {**out, **extra}
+
+
+def run_config(args: argparse.Namespace, extra: dict[str, Any]):
+    """The training config the command describes (YAML or model/preset, with flags and overrides applied)."""
+    from ..config.load import config_with_overrides, load_config
+    from ..config.settings import default_of
+    from ..errors import UsageError
+
+    if not args.model:
+        raise UsageError("memory needs a training YAML, a model directory or a preset; see `qlora-lite memory --list-presets`.")
+    overrides = _overrides(args, extra)
+    path = Path(args.model)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        config = load_config(path, overrides, for_training=False)
+    else:
+        config = config_with_overrides({"model": args.model, **overrides}, for_training=False)
+    if args.chunked_loss and config.train.loss_chunk_tokens == 0:
+        config.train.loss_chunk_tokens = default_of("train.loss_chunk_tokens")
+    return config
+
+
+def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    """Print the memory report (a table, or JSON with --json)."""
+    from rich.table import Table
+
+    from ..memory.advice import advise, gib, parse_budget
+    from ..memory.model import COMPONENT_LABELS, build_inventory, describe_components, preset_names, report_for
+    from ..memory.settings import settings_from_config
+
+    out = console()
+    if args.list_presets:
+        for name in preset_names():
+            out.print(name)
+        return 0
+    config = run_config(args, extra)
+    settings = settings_from_config(config, device="cuda", padding=args.padding, attn_implementation=args.attn)
+    budget, label = parse_budget(args.gpu_memory) if args.gpu_memory else (None, None)
+    inventory = build_inventory(config.model)
+    report = report_for(inventory, settings)
+    advice = advise(inventory, report, budget, label)
+    if args.json:
+        out.print_json(json.dumps({**report.to_dict(), "advice": advice.to_dict()}))
+        return 0
+    s = settings
+    quant = f"{s.bits}-bit" + (f" {s.quant_type}{' + double quant' if s.double_quant else ''}" if s.bits == 4 else " LLM.int8")
+    out.print(
+        f"[bold]{report.model}[/] ({report.details['parameters'] / 1e9:.2f}B params): {quant}, r={s.rank} on "
+        f"{report.details['targeted_layers']} layers, seq {s.seq_len} x micro-batch {s.batch_size}, grad_accum "
+        f"{s.grad_accum}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+        f"{report.details['optimizer_in_use']}, {report.details['attention']} attention"
+        f"{', chunked loss' if s.chunked_loss else ''}"
+    )
+    table = Table(show_footer=True)
+    how = describe_components(report)
+    table.add_column("component", footer="total")
+    table.add_column("GiB", justify="right", footer=gib(report.total))
+    table.add_column("what is counted", footer=f"peak in the {report.peak_phase} phase")
+    for key, value in report.components.items():
+        table.add_row(COMPONENT_LABELS.get(key, key), gib(value), how.get(key, ""))
+    for key, value in report.other_phases.items():
+        table.add_row(f"[dim]{COMPONENT_LABELS.get(key, key)}[/]", f"[dim]({gib(value)})[/]", "[dim]other phase, not at the peak[/]")
+    out.print(table)
+    for note in report.notes:
+        out.print(f"note: {note}")
+    if advice.budget is not None:
+        verdict = "[green]fits[/]" if advice.fits else "[red]does not fit[/]"
+        margin = f"{gib(advice.headroom)} GiB headroom" if advice.fits else f"over by {gib(-advice.headroom)} GiB"
+        out.print(f"verdict: {verdict} in {gib(advice.budget)} GiB ({advice.budget_label}): {margin}")
+        out.print(f"largest micro-batch at seq {s.seq_len}: {advice.max_batch_size}")
+        limit = " (the model's context length)" if advice.max_seq_len == advice.seq_limit else ""
+        out.print(f"longest sequence at micro-batch 1: {advice.max_seq_len:,} tokens{limit}")
+    if advice.best_switch:
+        best = advice.best_switch
+        out.print(f"biggest single saving: {best.name}: -{gib(best.saves)} GiB -> {gib(best.total)} GiB")
+        for other in advice.switches[1:]:
+            out.print(f"  then: {other.name}: -{gib(other.saves)} GiB -> {gib(other.total)} GiB")
+    return 0
