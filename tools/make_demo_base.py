@@ -92,16 +92,28 @@ def saved_losses(model_dir: Path, evals: TokenizedDataset) -> tuple[float, float
 
 def make_base(out_dir: Path, steps: int = 400, seed: int = 0, dtype: str = "bfloat16", threads: int = 1, log=print) -> dict:
     """Pre-train deterministically and write the asset folder atomically; returns what `pretrain.json` records."""
-    import tokenizers
-    import transformers
-
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
     started = time.perf_counter()
 
     def progress(step: int, total: int, loss: float) -> None:
         if step % 50 == 0 or step == total:
             log(f"step {step}/{total}: loss {loss:.4f} ({time.perf_counter() - started:.0f} s)")
+
+    # set for the run, restored after (a caller such as the tests keeps its own settings and random state)
+    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _make_base(out_dir, steps, seed, dtype, threads, log, progress, started)
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
+        torch.random.set_rng_state(previous[2])
+
+
+def _make_base(out_dir: Path, steps: int, seed: int, dtype: str, threads: int, log, progress, started: float) -> dict:
+    """`make_base` under its thread and determinism settings."""
+    import tokenizers
+    import transformers
 
     model, tokenizer, evals, loss_fp32 = pretrain_base(steps, seed, progress)
     with atomic_dir(out_dir, overwrite=True) as tmp:

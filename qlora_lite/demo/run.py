@@ -125,8 +125,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole quick start in `out_dir` (base-model/, data/, run/, merged/, demo.json) and return the figures.
 
-    `threads` torch threads are used (1 by default: at hidden size 64 each op is too small to share, and more
-    threads only add synchronisation, which on a busy 2-core machine made the run about 10 times slower).
+    `threads` torch threads are used (None: torch's setting). 1 by default: at hidden size 64 each op is too
+    small to share well; on an idle 2-core machine 2 threads saved under a second of the ~4 s run, but on a
+    busy one their synchronisation made it 5-10 times slower (96 s against 17 s for the whole command).
     """
     with torch_threads(threads):
         return _run(Path(out_dir), reporter, on_stage or (lambda _msg: None), train_steps, adapter_dtype, seed, export)
