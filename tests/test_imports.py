@@ -38,3 +38,47 @@ def test_public_names_resolve_on_first_use():
     for name in qlora_lite.__all__:
         assert getattr(qlora_lite, name) is not None, name
     assert callable(qlora_lite.train) and qlora_lite.train.__module__ == "qlora_lite.training.loop"
+
+
+# Layers from the bottom up; a module may import from its own layer's subpackage or from any lower layer.
+LAYERS = [
+    {"errors"},
+    {"config", "io"},
+    {"model", "data"},
+    {"export", "memory", "training"},
+    {"demo"},
+    {"cli"},
+]
+# Deliberate edges within the third layer (the graph between subpackages stays acyclic; see ARCHITECTURE.md):
+# training writes adapters in export's PEFT format and turns an out-of-memory into memory's advice.
+SIDEWAYS = {("training", "export"), ("training", "memory")}
+
+
+def _subpackage_edges() -> set[tuple[str, str]]:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "qlora_lite"
+    edges = set()
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if len(parts) == 1:
+            continue  # the package's own __init__ / __main__ / errors
+        here = parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module:
+                there = node.module.split(".")[0]
+                if there != here:
+                    edges.add((here, there))
+            elif isinstance(node, ast.ImportFrom) and node.level == 2 and node.module is None:
+                edges.update((here, alias.name) for alias in node.names)
+    return edges
+
+
+def test_dependencies_point_one_way():
+    level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    upward = sorted(
+        (a, b) for a, b in _subpackage_edges()
+        if level.get(b, -1) > level[a] or (level.get(b) == level[a] and (a, b) not in SIDEWAYS)
+    )  # fmt: skip
+    assert upward == [], f"imports against the layer order: {upward}"

@@ -34,7 +34,7 @@ T = TypeVar("T", bound=PlannedTensor)
 
 def write_safetensors_streaming(path: Path, items: Sequence[T], produce: Callable[[T], torch.Tensor]) -> None:
     """Write a safetensors file whose header is known up front, producing one tensor at a time."""
-    from ..model.loader import malloc_trim
+    from .heap import malloc_trim
 
     release_freed = malloc_trim()
     header: dict = {"__metadata__": {"format": "pt"}}

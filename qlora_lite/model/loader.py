@@ -8,10 +8,9 @@ mmap), and a targeted weight is quantized and dropped before the next tensor is 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -19,23 +18,11 @@ from torch import nn
 from . import quant
 from ..config.settings import QuantConfig
 from ..errors import ModelLoadError
+from ..io.heap import malloc_trim
 from ..io.safetensors import SafetensorsFile, weight_files
 from .targets import TargetSpec, resolve_targets
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def malloc_trim() -> Callable[[], None]:
-    """glibc's malloc_trim, or a no-op elsewhere.
-
-    Freed bf16 temporaries sit between long-lived packed weights in glibc's heap; without handing those
-    pages back, resident memory grows by several times the largest tensor while loading.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return lambda: libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        return lambda: None
 
 
 def default_device() -> torch.device:
