@@ -41,7 +41,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False)
         )
     kwargs = {"use_reentrant": False}
     modern = getattr(model, "activation_checkpointing_enable", None)
-    if modern is not None and "offload" in inspect.signature(modern).parameters and torch.cuda.is_available():
+    has_offload = modern is not None and "offload" in inspect.signature(modern).parameters
+    # transformers pins the offloaded tensors, which needs an accelerator: on a CPU-only machine, ours does not pin
+    if has_offload and (not offload or torch.cuda.is_available()):
         modern(activation_checkpointing_kwargs=kwargs, offload=offload)
     elif not offload:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
