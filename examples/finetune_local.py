@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 
 import qlora_lite
+from qlora_lite.cli.progress import RichReporter, summary_table
 from qlora_lite.config.load import load_config
 from qlora_lite.errors import QloraLiteError
-from qlora_lite.cli.progress import RichReporter, summary_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,8 +34,10 @@ def memory_check(config, console: Console, force: bool) -> None:
     if torch.cuda.is_available():
         budget = torch.cuda.get_device_properties(0).total_memory
         if not report.fits(budget):
-            message = (f"the run needs about {report.total / 2**30:.1f} GiB but the GPU has {budget / 2**30:.1f} GiB; "
-                       f"see `qlora-lite memory CONFIG.yaml --gpu-memory {budget / 2**30:.1f}GiB` for what to change")
+            message = (
+                f"the run needs about {report.total / 2**30:.1f} GiB but the GPU has {budget / 2**30:.1f} GiB; "
+                f"see `qlora-lite memory CONFIG.yaml --gpu-memory {budget / 2**30:.1f}GiB` for what to change"
+            )
             if not force:
                 raise SystemExit(message + ", or pass --force.")
             console.print(f"[yellow]warning:[/] {message}.")
@@ -44,7 +46,9 @@ def memory_check(config, console: Console, force: bool) -> None:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local Hugging Face model directory")
-    parser.add_argument("--data", required=True, help="JSONL instruction file (messages, prompt/completion or text records)")
+    parser.add_argument(
+        "--data", required=True, help="JSONL instruction file (messages, prompt/completion or text records)"
+    )
     parser.add_argument("--out", default="runs/qlora-instruct", help="run directory")
     parser.add_argument("--config", default=str(HERE / "qlora_instruct.yaml"), help="base YAML config")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")

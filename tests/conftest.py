@@ -13,7 +13,22 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 warnings.filterwarnings("ignore", module="bitsandbytes")
 torch.set_num_threads(2)
 
+from transformers.utils import logging as hf_logging  # noqa: E402
+
 from qlora_lite.model.tiny import save_tiny_model  # noqa: E402
+
+# transformers' "Writing model shards" bar would land in the stderr that CLI tests read as the error output
+hf_logging.disable_progress_bar()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` when there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(scope="session")
@@ -29,4 +44,3 @@ def tiny_model_dir(tmp_path_factory):
         return cache[key]
 
     return make
-

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from qlora_lite import apply_lora, load_adapter, load_quantized, save_adapter
 from qlora_lite.export.adapter import QLORA_KEY
 from qlora_lite.export.hf_dir import run_export
-from qlora_lite.model.lora import lora_layers
 from qlora_lite.export.verify import VERIFY_TOLERANCE, fixed_batch, verify_merged
+from qlora_lite.model.lora import lora_layers
 from tests.helpers import rel_err
 from tests.test_export import FP16_ULP, randomize_adapter, stored_tensors
 
@@ -25,9 +25,14 @@ TOLERANCE = 1e-2  # relative logit error; peft computes the adapter in fp32 wher
 def transformers_4bit(base) -> torch.nn.Module:
     """transformers' own 4-bit NF4 + double-quant load, with bitsandbytes' CPU repacking off (same kernel as ours)."""
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.bfloat16, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=config, dtype=torch.bfloat16, device_map="cpu"
+    )
     return model
 
 
@@ -68,9 +73,15 @@ def peft_saved(tiny_model_dir, tmp_path_factory):
     def make(arch: str):
         if arch not in cache:
             base = tiny_model_dir(arch)
-            targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            targets = (
+                ["c_attn", "c_proj", "c_fc"]
+                if arch == "gpt2"
+                else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            )
             torch.manual_seed(0)
-            config = LoraConfig(r=8, lora_alpha=32, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+            config = LoraConfig(
+                r=8, lora_alpha=32, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM"
+            )
             model = no_repack(get_peft_model(transformers_4bit(base), config))
             out = tmp_path_factory.mktemp(f"peft-{arch}") / "adapter"
             model.save_pretrained(out)

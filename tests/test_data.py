@@ -86,7 +86,9 @@ def test_messages_use_the_chat_template_and_train_on_assistant_turns_only(tok):
     text = render_chat(tok, messages)
     assert text == "<|system|>\nbe brief<|user|>\nhi<|assistant|>\nyo</s><|user|>\nq<|assistant|>\nz</s>"
     first = len("<|system|>\nbe brief<|user|>\nhi<|assistant|>\n")
-    second = len("<|system|>\nbe brief<|user|>\nhi<|assistant|>\nyo</s><|user|>\nq<|assistant|>\n") - 3  # </s> is one token
+    second = (
+        len("<|system|>\nbe brief<|user|>\nhi<|assistant|>\nyo</s><|user|>\nq<|assistant|>\n") - 3
+    )  # </s> is one token
     assert _labelled(ex) == [first, first + 1, first + 2, second, second + 1]
     assert [tok.decode([ex.labels[i]]) for i in _labelled(ex)] == ["y", "o", "</s>", "z", "</s>"]
     assert len(ex) == len(text) - 2 * 3
@@ -110,7 +112,9 @@ def test_truncation_cuts_to_max_seq_len_and_counts(tok):
 
 
 def test_record_longer_than_max_seq_len_is_refused_without_truncation(tok):
-    with pytest.raises(DataError, match=r"data.jsonl line 3: the record is 41 tokens long, more than data.max_seq_len=16"):
+    with pytest.raises(
+        DataError, match=r"data.jsonl line 3: the record is 41 tokens long, more than data.max_seq_len=16"
+    ):
         build_dataset([("data.jsonl line 3", {"text": "x" * 40})], tok, max_seq_len=16, truncation=False)
 
 
@@ -181,7 +185,10 @@ def test_jsonl_and_json_array_files_and_eval_split(tmp_path, tok):
     [
         (['{"text": "ok"}', '{"text": "broken"'], r"bad.jsonl line 2 is not valid JSON"),
         (['{"text": "ok"}', "", '{"prompt": "only a prompt"}'], r"bad.jsonl line 3: .*no 'completion'"),
-        (['{"input": "x", "output": "y"}'], r"bad.jsonl line 1: record has none of the fields 'text', 'prompt'\+'completion' or 'messages' \(it has: input, output\)"),
+        (
+            ['{"input": "x", "output": "y"}'],
+            r"bad.jsonl line 1: record has none of the fields 'text', 'prompt'\+'completion' or 'messages' \(it has: input, output\)",
+        ),
         (['{"text": 5}'], r"line 1: 'text' must be a string"),
         (['{"messages": [{"role": "user", "content": "hi"}]}'], r"line 1: 'messages' has no assistant turn"),
         (['{"messages": [{"role": "user"}]}'], r"line 1: messages\[0\] needs a string 'role' and a string 'content'"),
@@ -212,6 +219,6 @@ def test_chat_without_template_render_matches_generation_prompt(tok):
     messages = [{"role": "user", "content": "upper: abc"}]
     prompt = render_chat(tok, messages, add_generation_prompt=True)
     full = render_chat(tok, messages + [{"role": "assistant", "content": "ABC"}])
-    assert full.startswith(prompt) and full[len(prompt):] == "ABC</s>"
+    assert full.startswith(prompt) and full[len(prompt) :] == "ABC</s>"
     ids = torch.tensor(_encode(tok, {"messages": messages + [{"role": "assistant", "content": "ABC"}]}).input_ids)
     assert ids[: len(prompt)].tolist() == tok(prompt, add_special_tokens=False).input_ids

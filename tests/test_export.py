@@ -9,24 +9,23 @@ import re
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import load_tool
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora_lite import apply_lora, load_quantized, save_adapter
 from qlora_lite.cli.main import main
-from qlora_lite.errors import AdapterError, ExportError, QloraLiteError
+from qlora_lite.config.settings import QuantConfig
 from qlora_lite.config.units import parse_size
+from qlora_lite.errors import AdapterError, ExportError, QloraLiteError
 from qlora_lite.export.adapter import QLORA_KEY
 from qlora_lite.export.hf_dir import export_merged, run_export
 from qlora_lite.export.merge import _dequantized_rows, quantize_4bit_chunked
+from qlora_lite.export.verify import VERIFY_TOLERANCE, verify_merged
 from qlora_lite.io.safetensors import SafetensorsFile
-from qlora_lite.config.settings import QuantConfig
 from qlora_lite.model.lora import lora_layers
 from qlora_lite.model.quant import dequantize_module, quant_state_tensors, quantize_4bit
-from qlora_lite.export.verify import VERIFY_TOLERANCE, verify_merged
+from tests.helpers import load_tool
 
 SHARD = "200KB"  # the tiny models are ~0.5 MB in fp32, so this gives several input and output shards
 FP16_ULP = 2**-10  # relative spacing of float16 (and a bound on one rounding of a bf16/fp16 cast: 2**-8 for bf16)
@@ -53,11 +52,15 @@ def trained(tiny_model_dir, tmp_path_factory):
     """Factory: (base_dir, adapter_dir, model) for an arch and quantization, with a random non-zero adapter."""
     cache: dict = {}
 
-    def make(arch: str = "llama", bits: int = 4, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64):
+    def make(
+        arch: str = "llama", bits: int = 4, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64
+    ):
         key = (arch, bits, quant_type, double_quant, blocksize)
         if key not in cache:
             base = tiny_model_dir(arch, max_shard_size=SHARD)
-            model, _ = load_quantized(base, bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, device="cpu")
+            model, _ = load_quantized(
+                base, bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, device="cpu"
+            )
             apply_lora(model, r=8, alpha=16, seed=0)
             randomize_adapter(model)
             adapter = save_adapter(model, tmp_path_factory.mktemp(f"adapter-{arch}-{bits}") / "adapter")
@@ -74,7 +77,9 @@ QUANT_KINDS = {
 }
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "nf4-dq"), ("llama", "fp4-b128"), ("llama", "int8"), ("gpt2", "nf4-dq")])
+@pytest.mark.parametrize(
+    "arch,kind", [("llama", "nf4-dq"), ("llama", "fp4-b128"), ("llama", "int8"), ("gpt2", "nf4-dq")]
+)
 def test_streamed_dequantization_is_bit_identical_to_loaded_layers(trained, arch, kind):
     base, _, model = trained(arch, **QUANT_KINDS[kind])
     settings = QuantConfig(**QUANT_KINDS[kind])
@@ -86,7 +91,9 @@ def test_streamed_dequantization_is_bit_identical_to_loaded_layers(trained, arch
         assert torch.equal(streamed, dequantize_module(layer.base_layer)), name
 
 
-@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", True, 256)])
+@pytest.mark.parametrize(
+    "quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", True, 256)]
+)
 def test_chunked_4bit_quantization_equals_bitsandbytes_whole_tensor(quant_type, double_quant, blocksize):
     weight = torch.randn(333, 97, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # n % blocksize != 0
     settings = QuantConfig(bits=4, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize)
@@ -100,7 +107,9 @@ def test_chunked_4bit_quantization_equals_bitsandbytes_whole_tensor(quant_type, 
 
 def reference_merge(layer, dtype: torch.dtype) -> torch.Tensor:
     """deq(W_q) + scaling·B·A in fp32, cast: computed from the loaded model, not from the export's code path."""
-    merged = dequantize_module(layer.base_layer) + layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
+    merged = dequantize_module(layer.base_layer) + layer.scaling * (
+        layer.lora_B.weight.float() @ layer.lora_A.weight.float()
+    )
     return merged.to(dtype)
 
 
@@ -120,7 +129,9 @@ def test_merged_weights_equal_dequantized_plus_delta(trained, tmp_path, arch):
             expected = reference_merge(layers[module], torch.float16)
             expected = expected.t() if arch == "gpt2" else expected
             torch.testing.assert_close(tensor, expected, rtol=FP16_ULP, atol=1e-7)
-            assert not torch.equal(tensor, dequantize_module(layers[module].base_layer).to(torch.float16).reshape(tensor.shape))
+            assert not torch.equal(
+                tensor, dequantize_module(layers[module].base_layer).to(torch.float16).reshape(tensor.shape)
+            )
         else:
             assert torch.equal(tensor, original[key].to(torch.float16)), key
 
@@ -210,7 +221,12 @@ def test_single_shard_when_under_the_limit(trained, tmp_path):
 def test_adapter_records_quantization_for_export(trained):
     _, adapter, model = trained("llama", **QUANT_KINDS["fp4-b128"])
     record = json.loads((adapter / "adapter_config.json").read_text())[QLORA_KEY]
-    assert record["bits"] == 4 and record["quant_type"] == "fp4" and record["double_quant"] is False and record["blocksize"] == 128
+    assert (
+        record["bits"] == 4
+        and record["quant_type"] == "fp4"
+        and record["double_quant"] is False
+        and record["blocksize"] == 128
+    )
     assert record["quantized_modules"] == model.qlora_targets
 
 
@@ -261,7 +277,9 @@ def test_adapter_of_another_shape_names_tensor_and_shapes(trained, tiny_model_di
     narrow = tiny_model_dir("llama", hidden_size=32)
     with pytest.raises(AdapterError) as err:
         export_merged(narrow, adapter, tmp_path / "merged")
-    found = re.search(r"adapter tensor '([^']+)' has shape (\[.*?\]) but the base weight '([^']+)' is (\[.*?\])", str(err.value))
+    found = re.search(
+        r"adapter tensor '([^']+)' has shape (\[.*?\]) but the base weight '([^']+)' is (\[.*?\])", str(err.value)
+    )
     assert found, err.value
     adapter_key, adapter_shape, base_key, base_shape = found.groups()
     assert adapter_shape == str(list(SafetensorsFile(adapter / "adapter_model.safetensors").shape(adapter_key)))
@@ -326,7 +344,9 @@ def test_bad_options(trained, tmp_path, kwargs, pattern):
 def test_parse_size():
     what = "max shard size"
     assert parse_size("5GB", what) == 5 * 10**9 and parse_size("500MB", what) == 5 * 10**8
-    assert parse_size("2GiB", what) == 2 * 2**30 and parse_size(1234, what) == 1234 and parse_size("1.5kb", what) == 1500
+    assert (
+        parse_size("2GiB", what) == 2 * 2**30 and parse_size(1234, what) == 1234 and parse_size("1.5kb", what) == 1500
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -360,7 +380,6 @@ MIB = 2**20
 # The reader's dtype-conversion buffer (at most one tensor, 4 MiB here), bitsandbytes' temporaries for one
 # 2^18-element quantization chunk (~5 MiB), one fp32 merge chunk and allocator slack. Measured: ~12 MiB in all.
 FIXED_OVERHEAD = 32 * MIB
-
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads VmHWM from /proc")

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,10 @@ from qlora_lite.config.load import config_from_dict
 from qlora_lite.io.faults import ENOSPC_ENV, KILL_ENV
 from qlora_lite.io.lock import DirectoryLock
 from qlora_lite.io.safetensors import SafetensorsFile
-from qlora_lite.model.lora import lora_layers
-from qlora_lite.memory.model import estimate_memory
 from qlora_lite.memory.advice import gib, parse_budget
 from qlora_lite.memory.oom import GPU_MEMORY_ENV, OOM_ENV, advise_after_oom, memory_settings
+from qlora_lite.memory.report import estimate_memory
+from qlora_lite.model.lora import lora_layers
 from qlora_lite.training.checkpoint import COMPLETE_MARKER, checkpoint_dirs, checkpoint_problem
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
@@ -54,13 +55,31 @@ def _no_inherited_faults(monkeypatch):
 
 def write_config(path: Path, model_dir: Path, data_file: Path, out: Path, **train) -> Path:
     """A 4-step run (2 sequences per step, a checkpoint every 2 steps, all kept)."""
-    settings = dict(max_steps=4, micro_batch_size=2, grad_accum=1, lr=5e-3, warmup_steps=1, optimizer="adamw",
-                    log_every=1, eval_every=0, save_every=2, keep_checkpoints=5, seed=3)
+    settings = dict(
+        max_steps=4,
+        micro_batch_size=2,
+        grad_accum=1,
+        lr=5e-3,
+        warmup_steps=1,
+        optimizer="adamw",
+        log_every=1,
+        eval_every=0,
+        save_every=2,
+        keep_checkpoints=5,
+        seed=3,
+    )
     settings.update(train)
-    path.write_text(yaml.safe_dump({
-        "model": str(model_dir), "output_dir": str(out), "lora": {"r": 4, "alpha": 8},
-        "data": {"train": str(data_file), "max_seq_len": 32}, "train": settings,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model_dir),
+                "output_dir": str(out),
+                "lora": {"r": 4, "alpha": 8},
+                "data": {"train": str(data_file), "max_seq_len": 32},
+                "train": settings,
+            }
+        )
+    )
     return path
 
 
@@ -68,7 +87,9 @@ def cli_subprocess(*argv: str, **fault_env: str) -> subprocess.CompletedProcess:
     """`python -m qlora_lite ARGV` with the given fault points set (and no others)."""
     env = {k: v for k, v in os.environ.items() if k not in FAULT_ENVS}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", **fault_env)
-    return subprocess.run([sys.executable, "-m", "qlora_lite", *argv], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_lite", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -89,6 +110,7 @@ def one_error_line(err: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- training: SIGKILL
+@pytest.mark.slow
 def test_sigkill_in_a_checkpoint_and_in_the_final_adapter_then_resume(tiny_model_dir, data_file, tmp_path, capsys):
     model_dir, out = tiny_model_dir("llama"), tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", model_dir, data_file, out)
@@ -148,13 +170,21 @@ def test_corrupted_checkpoints_are_detected_skipped_and_reported(tiny_model_dir,
     assert checkpoint_problem(out / "checkpoints" / "step-4") == (
         f"adapter/adapter_model.safetensors has {size - 10} bytes where COMPLETE records {size}"
     )
-    assert checkpoint_problem(out / "checkpoints" / "step-2") == "the sha256 of optimizer.pt differs from the one COMPLETE records"
+    assert (
+        checkpoint_problem(out / "checkpoints" / "step-2")
+        == "the sha256 of optimizer.pt differs from the one COMPLETE records"
+    )
 
     assert main(["train", str(cfg), "--resume"]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert (f"skipped corrupted checkpoint step-4 (adapter/adapter_model.safetensors has {size - 10} bytes where "
-            f"COMPLETE records {size}) and removed it") in said
-    assert "skipped corrupted checkpoint step-2 (the sha256 of optimizer.pt differs from the one COMPLETE records) and removed it" in said
+    assert (
+        f"skipped corrupted checkpoint step-4 (adapter/adapter_model.safetensors has {size - 10} bytes where "
+        f"COMPLETE records {size}) and removed it"
+    ) in said
+    assert (
+        "skipped corrupted checkpoint step-2 (the sha256 of optimizer.pt differs from the one COMPLETE records) and removed it"
+        in said
+    )
     assert f"found no complete checkpoint in {out / 'checkpoints'}, so training starts from step 0" in said
     assert "resuming from" not in said
     # it carried on: trained again from step 0, exactly as the first time (the CPU run is deterministic)
@@ -163,7 +193,9 @@ def test_corrupted_checkpoints_are_detected_skipped_and_reported(tiny_model_dir,
     assert snapshot(out / "adapter") == first_adapter
 
 
-def test_disk_full_in_a_checkpoint_and_in_the_final_adapter_keeps_what_was_there(tiny_model_dir, data_file, tmp_path, capsys, monkeypatch):
+def test_disk_full_in_a_checkpoint_and_in_the_final_adapter_keeps_what_was_there(
+    tiny_model_dir, data_file, tmp_path, capsys, monkeypatch
+):
     model_dir, out = tiny_model_dir("llama"), tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", model_dir, data_file, out)
 
@@ -264,7 +296,8 @@ def test_two_exports_to_one_output_dir_are_refused(adapters, tmp_path, capsys):
         line = one_error_line(capsys.readouterr().err)
         assert re.fullmatch(
             rf"error: {re.escape(str(out))} is in use by pid {os.getpid()} \(another export\); "
-            r"wait for it to finish or choose another output directory\.", line
+            r"wait for it to finish or choose another output directory\.",
+            line,
         ), line
         assert not out.exists()
     assert main(export_argv(base, first, out)) == 0  # free once the holder lets go
@@ -272,12 +305,14 @@ def test_two_exports_to_one_output_dir_are_refused(adapters, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- out of memory
-def test_out_of_memory_in_a_step_keeps_the_checkpoints_and_prints_the_fix(tiny_model_dir, data_file, tmp_path, capsys, monkeypatch):
+def test_out_of_memory_in_a_step_keeps_the_checkpoints_and_prints_the_fix(
+    tiny_model_dir, data_file, tmp_path, capsys, monkeypatch
+):
     model_dir, out = tiny_model_dir("llama"), tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", model_dir, data_file, out)
-    settings = memory_settings(config_from_dict(yaml.safe_load(cfg.read_text())))
+    settings = asdict(memory_settings(config_from_dict(yaml.safe_load(cfg.read_text()))))
     now = estimate_memory(model_dir, **settings)
-    smaller = estimate_memory(model_dir, **{**settings, "batch_size": 1, "grad_accum": 2, "padding": False})
+    smaller = estimate_memory(model_dir, **{**settings, "batch_size": 1, "grad_accum": 2})
     assert smaller.total < now.total
     monkeypatch.setenv(GPU_MEMORY_ENV, f"{now.total - 1}B")  # one byte short of the prediction
     monkeypatch.setenv(OOM_ENV, "step:3")  # torch.OutOfMemoryError after step 3's backward
@@ -296,8 +331,10 @@ def test_out_of_memory_in_a_step_keeps_the_checkpoints_and_prints_the_fix(tiny_m
         f"fix: micro-batch 2 -> 1 with grad_accum 1 -> 2 (the same 2 sequences per optimizer step): "
         f"predicted {gib(smaller.total)} GiB, fits"
     )
-    assert lines[3] == ("run: the same command with --train.micro_batch_size 1 --train.grad_accum 2 and a new output_dir "
-                        "(a checkpoint's data order depends on it)")
+    assert lines[3] == (
+        "run: the same command with --train.micro_batch_size 1 --train.grad_accum 2 and a new output_dir "
+        "(a checkpoint's data order depends on it)"
+    )
     assert len(lines) == 4 and "Traceback" not in "".join(lines)
     # nothing of step 3 was saved, step 2 is intact, the metrics stop at step 2, and the lock was released
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
@@ -312,14 +349,19 @@ def test_out_of_memory_in_a_step_keeps_the_checkpoints_and_prints_the_fix(tiny_m
 
 
 def _advice(budget: str | None, **train):
-    config = config_from_dict({"model": "llama-3.1-8b", "data": {"train": "unused.jsonl", "max_seq_len": train.pop("seq", 2048)},
-                               "train": train})
+    config = config_from_dict(
+        {
+            "model": "llama-3.1-8b",
+            "data": {"train": "unused.jsonl", "max_seq_len": train.pop("seq", 2048)},
+            "train": train,
+        }
+    )
     amount, label = parse_budget(budget) if budget else (None, None)
     return config, advise_after_oom(config, amount, label)
 
 
 def _total(config, **changes) -> int:
-    return estimate_memory("llama-3.1-8b", **{**memory_settings(config), **changes}).total
+    return estimate_memory("llama-3.1-8b", **{**asdict(memory_settings(config)), **changes}).total
 
 
 def test_advice_is_the_largest_micro_batch_that_fits_at_the_same_effective_batch():
@@ -333,7 +375,9 @@ def test_advice_is_the_largest_micro_batch_that_fits_at_the_same_effective_batch
     larger = [d for d in range(b + 1, 16) if 32 % d == 0]  # the next larger micro-batch keeping 32 per step
     assert larger and all(_total(config, batch_size=d, grad_accum=32 // d) > budget for d in larger)
     assert change.fits and not change.resumable  # the micro-batch is part of a checkpoint's data order
-    assert advice.lines()[-1].startswith(f"run: the same command with --train.micro_batch_size {b} --train.grad_accum {32 // b} ")
+    assert advice.lines()[-1].startswith(
+        f"run: the same command with --train.micro_batch_size {b} --train.grad_accum {32 // b} "
+    )
 
 
 def test_advice_prefers_chunked_loss_and_falls_back_to_a_shorter_sequence():
@@ -341,7 +385,10 @@ def test_advice_prefers_chunked_loss_and_falls_back_to_a_shorter_sequence():
     config, advice = _advice("rtx-3060-12gb", micro_batch_size=1, grad_accum=16, seq=4096, loss_chunk_tokens=0)
     assert advice.change.overrides == {"train.loss_chunk_tokens": config.train.__class__().loss_chunk_tokens}
     assert advice.change.fits and advice.change.resumable
-    assert advice.lines()[-1] == f"run: the same command with --resume --train.loss_chunk_tokens {config.train.__class__().loss_chunk_tokens}"
+    assert (
+        advice.lines()[-1]
+        == f"run: the same command with --resume --train.loss_chunk_tokens {config.train.__class__().loss_chunk_tokens}"
+    )
     # micro-batch 1 and everything else already on: the longest sequence that fits
     config, advice = _advice("t4-16gb", micro_batch_size=1, grad_accum=1, seq=131072, offload_activations=True)
     budget = parse_budget("t4-16gb")[0]
@@ -369,10 +416,21 @@ def test_the_package_never_unpickles():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                assert not any(n and n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names), f"{path}:{node.lineno}"
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-                safe = [k for k in node.keywords if k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True]
+                assert not any(n and n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names), (
+                    f"{path}:{node.lineno}"
+                )
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
+                safe = [
+                    k
+                    for k in node.keywords
+                    if k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                ]
                 assert safe, f"{path}:{node.lineno}: torch.load without weights_only=True"
                 loads.append(f"{path.name}:{node.lineno}")
     assert loads  # the scan does see the checkpoint's optimizer load

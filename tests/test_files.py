@@ -56,9 +56,15 @@ def test_safetensors_reader_with_conversion(tmp_path, dtype, monkeypatch):
 
 def test_lock_refuses_a_second_holder_and_frees_on_crash(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from qlora_lite.io.lock import DirectoryLock; "
-         "lock = DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from qlora_lite.io.lock import DirectoryLock; "
+            "lock = DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -104,4 +104,3 @@ def test_rank_larger_than_a_layer(quantized_llama):
     message = str(info.value)
     assert "smaller side (32)" in message and "k_proj" in message and "r <= 32" in message
     assert getattr(model, "qlora_lora", None) is None  # nothing was half-applied
-

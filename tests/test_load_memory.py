@@ -14,7 +14,6 @@ MIB = 2**20
 FIXED_OVERHEAD = 96 * MIB
 
 
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_streaming_load_peak_rss_is_bounded(tmp_path):
     tool = load_tool("measure_load_memory")

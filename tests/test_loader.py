@@ -22,7 +22,9 @@ def reference_model(model_dir, bits: int, quant_type: str = "nf4", double_quant:
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
+    )
     # bitsandbytes repacks 4-bit weights for an AVX512-BF16 inference kernel at the first eval forward on
     # such CPUs; both sides must run the same matmul kernel for a 1e-3 comparison (the GPU path never repacks).
     for module in model.modules():
@@ -32,7 +34,9 @@ def reference_model(model_dir, bits: int, quant_type: str = "nf4", double_quant:
 
 
 def compare_with_transformers(model_dir, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> None:
-    ours, tokenizer = load_quantized(model_dir, bits=bits, quant_type=quant_type, double_quant=double_quant, device="cpu")
+    ours, tokenizer = load_quantized(
+        model_dir, bits=bits, quant_type=quant_type, double_quant=double_quant, device="cpu"
+    )
     ref = reference_model(model_dir, bits, quant_type, double_quant)
     ref_modules = dict(ref.named_modules())
 

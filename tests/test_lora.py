@@ -107,7 +107,9 @@ def test_backward_keeps_no_dequantized_weight(kind):
     x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
     saved = _tensors_saved_for_backward(layer(x))
     weight_numel = 96 * 128
-    assert any(t.dtype in (torch.uint8, torch.int8) and t.numel() >= weight_numel // 2 for t in saved), "walker saw no packed weight"
+    assert any(t.dtype in (torch.uint8, torch.int8) and t.numel() >= weight_numel // 2 for t in saved), (
+        "walker saw no packed weight"
+    )
     dense = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= weight_numel]
     assert dense == [], f"a dequantized weight is kept for backward: {dense}"
 
@@ -140,7 +142,9 @@ def test_trainable_count_is_r_times_in_plus_out(llama_dir, target_modules):
         f"{name}.lora_{ab}.weight" for name in layers for ab in "AB"
     }
     assert len(layers) == (14 if target_modules == "all-linear" else 4)
-    assert trainable_summary(model).startswith(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: ")
+    assert trainable_summary(model).startswith(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
+    )
 
 
 def test_initialisation_like_peft(llama_dir):

@@ -75,5 +75,7 @@ def test_normalizer_sums_micro_batches(tiny_model_dir):
     with torch.no_grad():
         whole = causal_lm_loss(model, ids, ids)
         tokens = 4 * 15
-        halves = causal_lm_loss(model, ids[:2], ids[:2], normalizer=tokens) + causal_lm_loss(model, ids[2:], ids[2:], normalizer=tokens)
+        halves = causal_lm_loss(model, ids[:2], ids[:2], normalizer=tokens) + causal_lm_loss(
+            model, ids[2:], ids[2:], normalizer=tokens
+        )
     assert abs(whole.item() - halves.item()) < 1e-3 * whole.item()

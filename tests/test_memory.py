@@ -10,14 +10,16 @@ import torch
 
 from qlora_lite.cli.main import main
 from qlora_lite.errors import ConfigError, QloraLiteError
-from qlora_lite.model.loader import load_quantized
-from qlora_lite.training.loss import causal_lm_loss
-from qlora_lite.model.lora import apply_lora
-from qlora_lite.memory.model import GiB, build_inventory, estimate_memory, preset_names
 from qlora_lite.memory.advice import advise, parse_budget
+from qlora_lite.memory.constants import GiB
+from qlora_lite.memory.inventory import build_inventory, preset_names
 from qlora_lite.memory.probe import AllocationTracker, unique_bytes
-from qlora_lite.training.optim import AdapterOptimizer
+from qlora_lite.memory.report import estimate_memory
+from qlora_lite.model.loader import load_quantized
+from qlora_lite.model.lora import apply_lora
 from qlora_lite.model.quant import is_quantized_linear, module_weight_bytes, weight_bytes_4bit
+from qlora_lite.training.loss import causal_lm_loss
+from qlora_lite.training.optim import AdapterOptimizer
 
 # hidden 256 with r = 16 gives lora_A tensors of 16 x 256 = 4096 elements: bitsandbytes' 8-bit state threshold
 BIG = dict(hidden_size=256, vocab_size=512)
@@ -38,7 +40,14 @@ def batch(model, batch_size=2, seq_len=16, seed=0):
 
 @pytest.mark.parametrize(
     "arch,bits,double_quant",
-    [("llama", 4, True), ("llama", 4, False), ("llama", 8, True), ("qwen2", 4, True), ("phi3", 8, True), ("gemma2", 4, False)],
+    [
+        ("llama", 4, True),
+        ("llama", 4, False),
+        ("llama", 8, True),
+        ("qwen2", 4, True),
+        ("phi3", 8, True),
+        ("gemma2", 4, False),
+    ],
 )
 def test_weight_components_equal_the_loaded_tensors(tiny_model_dir, arch, bits, double_quant):
     model_dir = tiny_model_dir(arch)
@@ -48,7 +57,9 @@ def test_weight_components_equal_the_loaded_tensors(tiny_model_dir, arch, bits, 
     quantized = [m for m in model.modules() if is_quantized_linear(m)]
     quantized_weights = {id(m.weight) for m in quantized}
     assert report.size("quantized_weights") == sum(module_weight_bytes(m) for m in quantized)
-    assert report.size("unquantized_weights") == unique_bytes(p for p in model.parameters() if id(p) not in quantized_weights)
+    assert report.size("unquantized_weights") == unique_bytes(
+        p for p in model.parameters() if id(p) not in quantized_weights
+    )
     assert report.size("buffers") == unique_bytes(model.buffers())
     assert report.details["parameters"] == sum(p.numel() for p in build_inventory(model_dir).skeleton.parameters())
 
@@ -122,8 +133,15 @@ def test_stored_activations_equal_what_autograd_keeps(tiny_model_dir, arch, bits
     model_dir = tiny_model_dir(arch, **overrides)
     measured = stored_after_forward(model_dir, bits, checkpointing)
     report = estimate_memory(
-        model_dir, bits=bits, rank=4, seq_len=16, batch_size=2, gradient_checkpointing=checkpointing, device="cpu",
+        model_dir,
+        bits=bits,
+        rank=4,
+        seq_len=16,
+        batch_size=2,
+        gradient_checkpointing=checkpointing,
+        device="cpu",
         chunked_loss=False,  # measured through transformers' own loss
+        padding=False,  # the measured batch is two unpadded rows
     )
     assert report.details["stored_after_forward"] == measured
 
@@ -154,8 +172,18 @@ def test_predicted_peak_matches_the_cpu_allocation_peak(tiny_model_dir, checkpoi
     model_dir = tiny_model_dir("llama", hidden_size=128, vocab_size=512)  # peaks: backward (ckpt), loss (no ckpt)
     measured = measured_peak(model_dir, 4, checkpointing, batch_size=2, seq_len=32, loss_chunk=loss_chunk)
     report = estimate_memory(
-        model_dir, bits=4, rank=4, seq_len=32, batch_size=2, gradient_checkpointing=checkpointing,
-        optimizer="adamw_8bit", grad_accum=2, device="cpu", chunked_loss=loss_chunk > 0, loss_chunk_tokens=loss_chunk or 256,
+        model_dir,
+        bits=4,
+        rank=4,
+        seq_len=32,
+        batch_size=2,
+        gradient_checkpointing=checkpointing,
+        optimizer="adamw_8bit",
+        grad_accum=2,
+        device="cpu",
+        chunked_loss=loss_chunk > 0,
+        loss_chunk_tokens=loss_chunk or 256,
+        padding=False,
     )
     assert abs(report.allocated_peak / measured - 1) < 0.05, (report.allocated_peak, measured, report.peak_phase)
 
@@ -180,16 +208,25 @@ def test_tied_embeddings_are_counted_once():
 
 # parameter counts published for these checkpoints (Hugging Face model pages / safetensors metadata)
 PUBLISHED_PARAMETERS = {
-    "gemma-2-2b": 2_614_341_888, "gemma-2-9b": 9_241_705_984, "llama-3.1-8b": 8_030_261_248,
-    "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "mistral-7b": 7_248_023_552,
-    "phi-3-mini": 3_821_079_552, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
-    "qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664,
+    "gemma-2-2b": 2_614_341_888,
+    "gemma-2-9b": 9_241_705_984,
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    "mistral-7b": 7_248_023_552,
+    "phi-3-mini": 3_821_079_552,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen2.5-14b": 14_770_033_664,
 }
 
 
 def hand_counted(config: dict) -> tuple[list[tuple[int, int]], int]:
     """(linear weight shapes [out, in] of one decoder layer, total parameters), written out per family from config.json."""
-    h, inter, layers, heads = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"))
+    h, inter, layers, heads = (
+        config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    )
     kv = config.get("num_key_value_heads") or heads
     d = config.get("head_dim") or h // heads
     family = config["model_type"]
@@ -205,7 +242,9 @@ def hand_counted(config: dict) -> tuple[list[tuple[int, int]], int]:
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_gives_a_plausible_report(name):
-    from qlora_lite.memory.model import PRESET_DIR
+    from pathlib import Path
+
+    import qlora_lite
 
     report = estimate_memory(name, seq_len=512)
     params = report.details["parameters"]
@@ -214,7 +253,7 @@ def test_every_preset_gives_a_plausible_report(name):
     assert report.total < 6 * params + 2 * GiB
     assert all(v >= 0 for v in report.components.values())
     # weights and adapters against counts made independently of the skeleton the report is built from
-    config = json.loads((PRESET_DIR / f"{name}.json").read_text())
+    config = json.loads((Path(qlora_lite.__file__).parent / "presets" / f"{name}.json").read_text())
     shapes, hand_params = hand_counted(config)
     layers, linear = config["num_hidden_layers"], sum(o * n for o, n in shapes)
     assert params == hand_params == PUBLISHED_PARAMETERS[name]
@@ -224,23 +263,40 @@ def test_every_preset_gives_a_plausible_report(name):
 
 
 def test_presets_include_the_required_models():
-    required = {"llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b", "qwen2.5-0.5b", "qwen2.5-1.5b",
-                "qwen2.5-7b", "qwen2.5-14b", "gemma-2-2b", "gemma-2-9b", "phi-3-mini"}
+    required = {
+        "llama-3.1-8b",
+        "llama-3.2-1b",
+        "llama-3.2-3b",
+        "mistral-7b",
+        "qwen2.5-0.5b",
+        "qwen2.5-1.5b",
+        "qwen2.5-7b",
+        "qwen2.5-14b",
+        "gemma-2-2b",
+        "gemma-2-9b",
+        "phi-3-mini",
+    }
     assert required <= set(preset_names())
 
 
 def test_switches_move_the_total_the_right_way():
-    base = estimate_memory("llama-3.1-8b", seq_len=2048)
-    assert estimate_memory("llama-3.1-8b", seq_len=2048, gradient_checkpointing=False).total > base.total
-    assert estimate_memory("llama-3.1-8b", seq_len=2048, chunked_loss=False).total > base.total
-    assert estimate_memory("llama-3.1-8b", seq_len=2048, offload_activations=True).total < base.total
-    assert estimate_memory("llama-3.1-8b", seq_len=2048, bits=8).total > base.total
-    assert estimate_memory("llama-3.1-8b", seq_len=2048, optimizer="adamw").total > base.total
-    assert estimate_memory("llama-3.1-8b", seq_len=4096).total > base.total
-    assert estimate_memory("llama-3.1-8b", seq_len=2048, batch_size=2).total > base.total
-    assert estimate_memory("llama-3.1-8b", seq_len=2048, attn_implementation="eager").total > base.total
+    def estimate(**changes):
+        return estimate_memory("llama-3.1-8b", **{"seq_len": 2048, "batch_size": 1, **changes})
+
+    base = estimate()
+    assert estimate(gradient_checkpointing=False).total > base.total
+    assert estimate(chunked_loss=False).total > base.total
+    assert estimate(loss_chunk_tokens=0).total == estimate(chunked_loss=False).total  # the trainer's "unchunked"
+    assert estimate(offload_activations=True).total < base.total
+    assert estimate(bits=8).total > base.total
+    assert estimate(optimizer="adamw").total > base.total
+    assert estimate(seq_len=4096).total > base.total
+    assert estimate(batch_size=2, padding=False).total > base.total
+    assert estimate(batch_size=2).total > estimate(batch_size=2, padding=False).total  # padded: a mask, no flash
+    assert estimate(batch_size=2, packing=True).total == estimate(batch_size=2, padding=False).total
+    assert estimate(attn_implementation="eager").total > base.total
     # the trainer quantizes only the LoRA targets (load_quantized(target_modules=lora.target_modules)): the rest is bf16
-    narrow = estimate_memory("llama-3.1-8b", seq_len=2048, targets=["q_proj", "v_proj"])
+    narrow = estimate(targets=["q_proj", "v_proj"])
     assert narrow.size("quantized_weights") < base.size("quantized_weights")
     assert narrow.size("unquantized_weights") > base.size("unquantized_weights")
     assert narrow.size("lora_adapters") < base.size("lora_adapters")
@@ -270,8 +326,8 @@ def test_largest_batch_and_longest_sequence_are_the_limits():
     assert b >= 1 and n >= 1024
     assert estimate_memory("llama-3.1-8b", seq_len=1024, batch_size=b).fits(budget)
     assert not estimate_memory("llama-3.1-8b", seq_len=1024, batch_size=b + 1).fits(budget)
-    assert estimate_memory("llama-3.1-8b", seq_len=n).fits(budget)
-    assert not estimate_memory("llama-3.1-8b", seq_len=n + 1).fits(budget)
+    assert estimate_memory("llama-3.1-8b", seq_len=n, batch_size=1).fits(budget)  # the longest at micro-batch 1
+    assert not estimate_memory("llama-3.1-8b", seq_len=n + 1, batch_size=1).fits(budget)
     assert advice.best_switch is not None and advice.best_switch.saves == max(s.saves for s in advice.switches)
 
 
@@ -311,11 +367,11 @@ def test_memory_command_table(capsys):
     [
         (["no-such-model"], "known presets: gemma-2-2b"),
         (["llama-3.2-1b", "--gpu-memory", "12 potatoes"], "not a size or a known GPU"),
-        (["llama-3.2-1b", "--rank", "0"], "rank is 0"),
+        (["llama-3.2-1b", "--rank", "0"], "lora.r is 0"),
         (["llama-3.2-1b", "--seq-len", "0"], "seq_len is 0"),
         (["llama-3.2-1b", "--batch-size", "0"], "batch_size is 0"),
         (["llama-3.2-1b", "--bits", "5"], "bits is 5"),
-        (["llama-3.2-1b", "--optimizer", "sgd"], "optimizer 'sgd' is not supported"),
+        (["llama-3.2-1b", "--optimizer", "sgd"], "train.optimizer is 'sgd'; use paged_adamw_8bit, adamw_8bit or adamw"),
         (["llama-3.2-1b", "--targets", "foo_proj"], "'foo_proj' is not a linear layer"),
         (["llama-3.2-1b", "--rank", "100000"], "larger than the smaller side"),
     ],

@@ -13,19 +13,31 @@ import pytest
 import torch
 import yaml
 
-from qlora_lite.io.safetensors import SafetensorsFile
 from qlora_lite.io.faults import KILL_ENV
+from qlora_lite.io.safetensors import SafetensorsFile
 from qlora_lite.training.checkpoint import COMPLETE_MARKER, checkpoint_dirs, latest_checkpoint
 
 
 def _settings(model_dir, data_dir, out) -> dict:
     return {
-        "model": str(model_dir), "output_dir": str(out),
+        "model": str(model_dir),
+        "output_dir": str(out),
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must be restored too
         "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "max_seq_len": 32},
-        "train": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
-                  "schedule": "cosine", "optimizer": "adamw_8bit", "seed": 7, "log_every": 4, "eval_every": 4,
-                  "save_every": 3, "keep_checkpoints": 2},
+        "train": {
+            "max_steps": 12,
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "lr": 5e-3,
+            "warmup_steps": 2,
+            "schedule": "cosine",
+            "optimizer": "adamw_8bit",
+            "seed": 7,
+            "log_every": 4,
+            "eval_every": 4,
+            "save_every": 3,
+            "keep_checkpoints": 2,
+        },
     }
 
 
@@ -34,13 +46,20 @@ def _run(cfg_path, *extra, kill: str | None = None) -> subprocess.CompletedProce
     env.pop(KILL_ENV, None)
     if kill:
         env[KILL_ENV] = kill
-    return subprocess.run([sys.executable, "-m", "qlora_lite", "train", str(cfg_path), *extra],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_lite", "train", str(cfg_path), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _metrics(out) -> list[dict]:
     keep = ("step", "loss", "lr", "grad_norm", "eval_loss")
-    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return [
+        {k: r[k] for k in keep if k in r} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def _adapter(path) -> dict[str, torch.Tensor]:
@@ -51,12 +70,15 @@ def _adapter(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume-data")
-    recs = [{"prompt": f"item {i}: ", "completion": "x" * (1 + i % 5) + f" #{i}"} for i in range(20)]  # 5 steps per epoch
+    recs = [
+        {"prompt": f"item {i}: ", "completion": "x" * (1 + i % 5) + f" #{i}"} for i in range(20)
+    ]  # 5 steps per epoch
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:18]))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[18:]))
     return root
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_end_exactly_like_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
     ref_cfg, cfg = tmp_path / "ref.yaml", tmp_path / "run.yaml"

@@ -52,7 +52,9 @@ def test_memory_defaults_are_the_trainers(capsys):
         assert getattr(settings, field) == default_of(key), field
     assert (settings.batch_size, settings.grad_accum, settings.seq_len) == (4, 4, 1024)
     plain = memory_cli_total(capsys, PRESET)
-    explicit = memory_cli_total(capsys, PRESET, "--batch-size", "4", "--grad-accum", "4", "--seq-len", "1024", "--rank", "16")
+    explicit = memory_cli_total(
+        capsys, PRESET, "--batch-size", "4", "--grad-accum", "4", "--seq-len", "1024", "--rank", "16"
+    )
     assert plain == explicit
     assert memory_cli_total(capsys, PRESET, "--batch-size", "1") < plain
 
@@ -85,8 +87,11 @@ def test_a_regex_override_stays_a_regex():
 def test_an_unknown_key_suggests_the_closest_first():
     with pytest.raises(ConfigError, match=r"unknown config key 'lora.rank' \(did you mean 'lora.r'\?\)"):
         config_with_overrides({"lora.rank": "8"})
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rat' \(did you mean 'train.lr'\?\)|"
-                                          r"did you mean"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'train.learning_rat' \(did you mean 'train.lr'\?\)|"
+        r"did you mean",
+    ):
         config_with_overrides({"train.learning_rat": "1e-4"})
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from qlora_lite import apply_lora, load_quantized, train
-from qlora_lite.training.loss import causal_lm_loss
 from qlora_lite.model.lora import lora_layers
 from qlora_lite.training.checkpointing import enable_gradient_checkpointing
+from qlora_lite.training.loss import causal_lm_loss
 from tests.helpers import rel_err
 from tests.test_train import _config, toy_data  # noqa: F401  (fixture)
 
@@ -45,8 +45,13 @@ def test_offloaded_activations_give_the_same_gradients(tiny_model_dir):
 def test_chunked_loss_run_matches_full_logits_run(tiny_model_dir, toy_data, tmp_path):  # noqa: F811
     runs = {}
     for chunk in (0, 5):
-        config = _config(tiny_model_dir("llama"), toy_data, tmp_path / f"chunk-{chunk}", loss_chunk_tokens=chunk,
-                         offload_activations=chunk > 0)
+        config = _config(
+            tiny_model_dir("llama"),
+            toy_data,
+            tmp_path / f"chunk-{chunk}",
+            loss_chunk_tokens=chunk,
+            offload_activations=chunk > 0,
+        )
         result = train(config)
         lines = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
         runs[chunk] = ([r["loss"] for r in lines if "loss" in r], result.eval_loss)

@@ -18,12 +18,12 @@ from qlora_lite.data.encode import build_dataset
 from qlora_lite.errors import ConfigError, TrainingError
 from qlora_lite.model.loader import load_quantized
 from qlora_lite.model.lora import apply_lora, lora_layers
-from qlora_lite.training.optim import AdapterOptimizer
 from qlora_lite.model.tiny import make_tokenizer
-from qlora_lite.training.loss import causal_lm_loss
 from qlora_lite.training.checkpoint import checkpoint_dirs
 from qlora_lite.training.checkpointing import enable_gradient_checkpointing
 from qlora_lite.training.loop import train
+from qlora_lite.training.loss import causal_lm_loss
+from qlora_lite.training.optim import AdapterOptimizer
 from qlora_lite.training.schedule import lr_at
 from qlora_lite.training.step import accumulate_gradients
 from tests.helpers import rel_err
@@ -49,15 +49,27 @@ def toy_data(tmp_path_factory):
 
 
 def _config(model_dir, data_dir, out, **train) -> TrainConfig:
-    settings = dict(max_steps=6, micro_batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2, log_every=1,
-                    eval_every=3, save_every=3, optimizer="adamw")
+    settings = dict(
+        max_steps=6,
+        micro_batch_size=4,
+        grad_accum=2,
+        lr=1e-2,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=3,
+        save_every=3,
+        optimizer="adamw",
+    )
     settings.update(train)
-    return config_from_dict({
-        "model": str(model_dir), "output_dir": str(out),
-        "lora": {"r": 8, "alpha": 16},
-        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "max_seq_len": 32},
-        "train": settings,
-    })
+    return config_from_dict(
+        {
+            "model": str(model_dir),
+            "output_dir": str(out),
+            "lora": {"r": 8, "alpha": 16},
+            "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "max_seq_len": 32},
+            "train": settings,
+        }
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_model_dir):
@@ -98,10 +110,21 @@ def test_lr_schedule_warmup_cosine_and_constant():
     assert lr_at(14, s) == 1.0
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_run_dir_matches_the_design(tiny_model_dir, toy_data, tmp_path):
     out = tmp_path / "run"
     # initializer_range 0.2: with the default 0.02 a random tiny model's logits cannot move far from uniform.
-    result = train(_config(tiny_model_dir("llama", initializer_range=0.2), toy_data, out, max_steps=12, eval_every=6, save_every=4, keep_checkpoints=2))
+    result = train(
+        _config(
+            tiny_model_dir("llama", initializer_range=0.2),
+            toy_data,
+            out,
+            max_steps=12,
+            eval_every=6,
+            save_every=4,
+            keep_checkpoints=2,
+        )
+    )
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in lines if "loss" in r]
     evals = [r for r in lines if "eval_loss" in r]
@@ -114,8 +137,14 @@ def test_loss_goes_down_and_run_dir_matches_the_design(tiny_model_dir, toy_data,
     assert result.eval_loss < 0.5 * train_lines[0]["loss"]
     assert result.eval_loss == evals[-1]["eval_loss"] and result.steps == 12
     assert [step for step, _ in checkpoint_dirs(out)] == [8, 12]
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt", "rng.safetensors",
-                 "trainer_state.json", "COMPLETE"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "optimizer.pt",
+        "rng.safetensors",
+        "trainer_state.json",
+        "COMPLETE",
+    ):
         assert (out / "checkpoints" / "step-12" / name).is_file(), name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -142,7 +171,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, tok):
         optimizer.zero_grad()
         return grads
 
-    loss_accum = accumulate_gradients(model, [collate(examples[:2], 0), collate(examples[2:], 0)], optimizer, cpu, bf16=False)
+    loss_accum = accumulate_gradients(
+        model, [collate(examples[:2], 0), collate(examples[2:], 0)], optimizer, cpu, bf16=False
+    )
     accumulated = master_grads()
     loss_one = accumulate_gradients(model, [collate(examples, 0)], optimizer, cpu, bf16=False)
     one_batch = master_grads()
@@ -175,7 +206,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
     weights["model.embed_tokens.weight"][make_tokenizer().convert_tokens_to_ids("~")] = float("inf")
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
 
-    cfg = _config(base, data, tmp_path / "run", max_steps=6, micro_batch_size=1, grad_accum=1, save_every=1, eval_every=0)
+    cfg = _config(
+        base, data, tmp_path / "run", max_steps=6, micro_batch_size=1, grad_accum=1, save_every=1, eval_every=0
+    )
     cfg.data.eval = ""
     with pytest.raises(TrainingError, match=r"step 3: the loss is nan.*last good checkpoint is .*step-2"):
         train(cfg)
@@ -265,6 +298,7 @@ def test_demo_teaches_the_4bit_base_the_shift_task(demo_cli_run):
     assert "exact answers" in text and "shift hello =" in text and "ifmmp" in text
 
 
+@pytest.mark.slow
 def test_bf16_adapters_with_fp32_masters_match_fp32_adapters_on_the_demo_task(demo_cli_run, tmp_path):
     """Stored in bf16, A and B train as well as fp32 adapters: no update is lost to bf16 rounding."""
     from pathlib import Path
@@ -296,23 +330,29 @@ def test_example_script_fine_tunes_a_local_model_dir_with_the_example_config(tin
     examples = Path(__file__).resolve().parents[1] / "examples"
     script = runpy.run_path(str(examples / "finetune_local.py"), run_name="example")
     model_dir = tiny_model_dir("qwen2")
-    code = script["main"]([
-        "--model", str(model_dir), "--data", str(examples / "instructions.jsonl"), "--out", str(tmp_path / "run"),
-        "--train.max_steps", "2", "--train.micro_batch_size", "2", "--data.max_seq_len", "256",
-    ])
+    code = script["main"](
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(examples / "instructions.jsonl"),
+            "--out",
+            str(tmp_path / "run"),
+            "--train.max_steps",
+            "2",
+            "--train.micro_batch_size",
+            "2",
+            "--data.max_seq_len",
+            "256",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lora"]["dropout"] == 0.05 and saved["train"]["grad_accum"] == 4  # the example YAML's settings
-    # this build has the memory model: the script prints the report for the run's settings, never its fallback line
-    assert "not available in this build" not in out, out
+    # the pre-flight memory report is printed, one row per component of the estimate for the run's own config
     assert "memory report for" in out and "predicted peak" in out, out
-    q, lora, data, train = saved["quant"], saved["lora"], saved["data"], saved["train"]
-    report = qlora_lite.estimate_memory(
-        model_dir, bits=q["bits"], quant_type=q["quant_type"], double_quant=q["double_quant"], rank=lora["r"],
-        targets=lora["target_modules"], seq_len=data["max_seq_len"], batch_size=train["micro_batch_size"],
-        grad_accum=train["grad_accum"], gradient_checkpointing=train["gradient_checkpointing"],
-        optimizer=train["optimizer"], device="cuda" if torch.cuda.is_available() else "cpu",
-    )
+    report = qlora_lite.estimate_memory(qlora_lite.load_config(tmp_path / "run" / "config.yaml"))
+    assert report.settings.seq_len == 256 and report.settings.batch_size == 2  # the command-line overrides
     assert re.findall(r"^  (\w+) +[\d.]+ GiB$", out, re.M) == list(report.components), out

@@ -26,8 +26,22 @@ from pathlib import Path
 MAX_GRAD_NORM = 1.0  # train.max_grad_norm's default, and transformers' Trainer's
 MODELS = {
     # hidden, layers, intermediate, heads, kv heads, vocab
-    "llama-small": dict(hidden_size=512, layers=4, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000),
-    "llama-1b-128k": dict(hidden_size=2048, layers=16, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-small": dict(
+        hidden_size=512,
+        layers=4,
+        intermediate_size=1408,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "llama-1b-128k": dict(
+        hidden_size=2048,
+        layers=16,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
 }
 
 
@@ -39,8 +53,13 @@ def make_model(root: Path, name: str, seq_len: int) -> Path:
 
     spec = dict(MODELS[name])
     return save_tiny_model(
-        root / name, "llama", dtype=torch.bfloat16, with_tokenizer=False, max_position_embeddings=max(seq_len, 256),
-        tie_word_embeddings=False, **spec,
+        root / name,
+        "llama",
+        dtype=torch.bfloat16,
+        with_tokenizer=False,
+        max_position_embeddings=max(seq_len, 256),
+        tie_word_embeddings=False,
+        **spec,
     )
 
 
@@ -81,7 +100,9 @@ def build_qlora(model_dir: Path, device, args):
     from qlora_lite.training.optim import AdapterOptimizer
     from qlora_lite.training.step import train_step
 
-    model, _ = load_quantized(model_dir, bits=4, quant_type="nf4", double_quant=True, device=device, load_tokenizer=False)
+    model, _ = load_quantized(
+        model_dir, bits=4, quant_type="nf4", double_quant=True, device=device, load_tokenizer=False
+    )
     apply_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", seed=args.seed)
     enable_gradient_checkpointing(model, offload=args.offload)
     model.train()
@@ -101,15 +122,27 @@ def build_baseline(model_dir: Path, device, args):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device}
+    )
     for module in model.modules():  # same CPU kernel as qlora-lite (no AVX512 repack at eval)
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     torch.manual_seed(args.seed)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
@@ -117,7 +150,11 @@ def build_baseline(model_dir: Path, device, args):
     else:
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW8bit if args.optimizer == "paged_adamw_8bit" and device.type == "cuda" else bnb.optim.AdamW8bit
+        cls = (
+            bnb.optim.PagedAdamW8bit
+            if args.optimizer == "paged_adamw_8bit" and device.type == "cuda"
+            else bnb.optim.AdamW8bit
+        )
         optimizer = cls(params, lr=args.lr)
 
     def step(ids):
@@ -144,7 +181,10 @@ def child(args) -> dict:
     device = torch.device(args.device)
     build = build_qlora if args.side == "qlora" else build_baseline
     step = build(Path(args.model_dir), device, args)
-    batches = [b.to(device) for b in make_batches(args.steps, args.micro_batch, args.seq_len, MODELS[args.model]["vocab_size"], args.seed)]
+    batches = [
+        b.to(device)
+        for b in make_batches(args.steps, args.micro_batch, args.seq_len, MODELS[args.model]["vocab_size"], args.seed)
+    ]
     load_peak = peak_rss()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -156,7 +196,7 @@ def child(args) -> dict:
         start = time.perf_counter()
         losses.append(step(ids))  # a float: the step's device work is complete
         times.append(time.perf_counter() - start)
-    timed = times[args.warmup:] or times
+    timed = times[args.warmup :] or times
     result = {
         "side": args.side,
         "tokens_per_s": args.micro_batch * args.seq_len / statistics.median(timed),
@@ -172,10 +212,25 @@ def child(args) -> dict:
 
 def run_side(side: str, model_dir: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir)]
-    for key in ("device", "model", "seq_len", "micro_batch", "steps", "warmup", "rank", "alpha", "lr", "optimizer", "seed", "loss_chunk"):
+    for key in (
+        "device",
+        "model",
+        "seq_len",
+        "micro_batch",
+        "steps",
+        "warmup",
+        "rank",
+        "alpha",
+        "lr",
+        "optimizer",
+        "seed",
+        "loss_chunk",
+    ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += ["--offload"] if args.offload else []
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -191,8 +246,10 @@ def summarize(runs: list[dict], args) -> None:
     if args.device == "cuda":
         keys += [("max_allocated", "peak allocated GiB", gib), ("max_reserved", "peak reserved GiB", gib)]
     keys += [("train_peak_rss", "peak RSS (train) GiB", gib), ("load_peak_rss", "peak RSS (load) GiB", gib)]
-    print(f"device={args.device} model={args.model} seq={args.seq_len} micro_batch={args.micro_batch} steps={args.steps} "
-          f"rank={args.rank} optimizer={args.optimizer} repeats={args.repeats} loss_chunk={args.loss_chunk} offload={args.offload}")
+    print(
+        f"device={args.device} model={args.model} seq={args.seq_len} micro_batch={args.micro_batch} steps={args.steps} "
+        f"rank={args.rank} optimizer={args.optimizer} repeats={args.repeats} loss_chunk={args.loss_chunk} offload={args.offload}"
+    )
     print(f"{'metric':<24}{'qlora-lite':>14}{'baseline':>14}{'ratio':>10}")
     for key, label, scale in keys:
         a, b = med("qlora", key), med("baseline", key)
@@ -201,7 +258,10 @@ def summarize(runs: list[dict], args) -> None:
         a = statistics.median(r["losses"][step_index] for r in by_side["qlora"])
         b = statistics.median(r["losses"][step_index] for r in by_side["baseline"])
         print(f"{label:<24}{a:>14.4f}{b:>14.4f}{a / b:>10.4f}")
-    first_rel = abs(by_side["qlora"][0]["losses"][0] - by_side["baseline"][0]["losses"][0]) / by_side["baseline"][0]["losses"][0]
+    first_rel = (
+        abs(by_side["qlora"][0]["losses"][0] - by_side["baseline"][0]["losses"][0])
+        / by_side["baseline"][0]["losses"][0]
+    )
     print(f"first-step loss relative difference: {first_rel:.2e}")
 
 
@@ -219,7 +279,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--optimizer", default="adamw_8bit", choices=["paged_adamw_8bit", "adamw_8bit", "adamw"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loss-chunk", type=int, default=128, help="qlora-lite's train.loss_chunk_tokens (0: full logits)")
+    parser.add_argument(
+        "--loss-chunk", type=int, default=128, help="qlora-lite's train.loss_chunk_tokens (0: full logits)"
+    )
     parser.add_argument("--offload", action="store_true", help="qlora-lite's train.offload_activations")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -236,8 +298,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for side in ("qlora", "baseline"):
                 runs.append(run_side(side, model_dir, args))
-                print(f"  {side:<9} {runs[-1]['tokens_per_s']:.1f} tokens/s, losses {runs[-1]['losses'][0]:.4f} -> {runs[-1]['losses'][-1]:.4f}",
-                      file=sys.stderr)
+                print(
+                    f"  {side:<9} {runs[-1]['tokens_per_s']:.1f} tokens/s, losses {runs[-1]['losses'][0]:.4f} -> {runs[-1]['losses'][-1]:.4f}",
+                    file=sys.stderr,
+                )
     summarize(runs, args)
 
 

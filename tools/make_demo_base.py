@@ -25,8 +25,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -58,7 +58,9 @@ def pretrain_base(steps: int = 400, seed: int = 0, progress: Callable[[int, int,
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", hidden_size=64, layers=2)).float()
     opt = torch.optim.AdamW(model.parameters(), lr=6e-3, betas=(0.9, 0.98), weight_decay=0.0)
-    evals = build_dataset([("copy", task_record("copy", w)) for w in random_words(rng, 64, set(SAMPLE_WORDS))], tokenizer, 32)
+    evals = build_dataset(
+        [("copy", task_record("copy", w)) for w in random_words(rng, 64, set(SAMPLE_WORDS))], tokenizer, 32
+    )
     model.train()
     for step in range(steps):
         lr = 6e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -90,7 +92,9 @@ def saved_losses(model_dir: Path, evals: TokenizedDataset) -> tuple[float, float
     return loss_saved, loss_4bit
 
 
-def make_base(out_dir: Path, steps: int = 400, seed: int = 0, dtype: str = "bfloat16", threads: int = 1, log=print) -> dict:
+def make_base(
+    out_dir: Path, steps: int = 400, seed: int = 0, dtype: str = "bfloat16", threads: int = 1, log=print
+) -> dict:
     """Pre-train deterministically and write the asset folder atomically; returns what `pretrain.json` records."""
     started = time.perf_counter()
 
@@ -140,8 +144,10 @@ def _make_base(out_dir: Path, steps: int, seed: int, dtype: str, threads: int, l
         os.chmod(tmp, 0o755)
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
-    log(f"{out_dir}: copy eval loss {loss_saved:.4f} ({dtype}), {loss_fp32:.4f} (fp32), {loss_4bit:.4f} (4-bit); "
-        f"{sum(f.stat().st_size for f in out_dir.iterdir()) / 1024:.0f} KiB in {time.perf_counter() - started:.0f} s")
+    log(
+        f"{out_dir}: copy eval loss {loss_saved:.4f} ({dtype}), {loss_fp32:.4f} (fp32), {loss_4bit:.4f} (4-bit); "
+        f"{sum(f.stat().st_size for f in out_dir.iterdir()) / 1024:.0f} KiB in {time.perf_counter() - started:.0f} s"
+    )
     return info
 
 

@@ -70,7 +70,9 @@ def run_child(mode: str, base: Path, adapter: Path, out: Path, shard: str, tiny:
         proc.communicate(b"")
         if not peak or proc.returncode != 0:
             errors.seek(0)
-            raise RuntimeError(f"{mode} child failed ({proc.returncode}):\n{errors.read().decode(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"{mode} child failed ({proc.returncode}):\n{errors.read().decode(errors='replace')[-3000:]}"
+            )
     return baseline, peak
 
 
@@ -165,12 +167,20 @@ def main() -> None:
         disk = sum(p.stat().st_size for p in models["base"].glob("*.safetensors"))
         shards = len(list(models["base"].glob("*.safetensors")))
         m = measure(root, models, args.out_shard_size)
-    print(f"base checkpoint: {shards} shards, {disk / mib:.1f} MiB bf16; merged fp16 output {m['output_bytes'] / mib:.1f} MiB in {m['output_shards']} shards")
-    print(f"largest output shard {m['largest_shard'] / mib:.1f} MiB; largest tensor in fp32 {m['largest_tensor_fp32'] / mib:.1f} MiB")
-    print(f"baselines after warm-up: qlora-lite {m['qlora_baseline'] / mib:.1f} MiB, peft {m['peft_baseline'] / mib:.1f} MiB RSS")
+    print(
+        f"base checkpoint: {shards} shards, {disk / mib:.1f} MiB bf16; merged fp16 output {m['output_bytes'] / mib:.1f} MiB in {m['output_shards']} shards"
+    )
+    print(
+        f"largest output shard {m['largest_shard'] / mib:.1f} MiB; largest tensor in fp32 {m['largest_tensor_fp32'] / mib:.1f} MiB"
+    )
+    print(
+        f"baselines after warm-up: qlora-lite {m['qlora_baseline'] / mib:.1f} MiB, peft {m['peft_baseline'] / mib:.1f} MiB RSS"
+    )
     print(f"{'qlora-lite export_merged':>34}: {m['qlora'] / mib:8.1f} MiB peak RSS above baseline")
     print(f"{'peft merge_and_unload + save':>34}: {m['peft'] / mib:8.1f} MiB peak RSS above baseline")
-    print(f"bound (largest shard + largest fp32 tensor): {(m['largest_shard'] + m['largest_tensor_fp32']) / mib:.1f} MiB + fixed overhead")
+    print(
+        f"bound (largest shard + largest fp32 tensor): {(m['largest_shard'] + m['largest_tensor_fp32']) / mib:.1f} MiB + fixed overhead"
+    )
     print(f"ratio qlora-lite / peft: {m['qlora'] / max(m['peft'], 1):.2f}")
 
 

@@ -58,7 +58,10 @@ def run_child(mode: str, model_dir: Path, warmup_dir: Path) -> dict:
     """Run one load in a fresh interpreter and return its peak RSS and the loaded model's bytes."""
     out = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(model_dir), str(warmup_dir)],
-        check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -70,9 +73,17 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int, shard_size: st
     from qlora_lite.model.tiny import save_tiny_model
 
     big = save_tiny_model(
-        root / "model", "llama", dtype=torch.bfloat16, max_shard_size=shard_size, vocab_size=vocab,
-        hidden_size=hidden, layers=layers, intermediate_size=hidden * 11 // 4, num_attention_heads=16,
-        num_key_value_heads=4, with_tokenizer=False,
+        root / "model",
+        "llama",
+        dtype=torch.bfloat16,
+        max_shard_size=shard_size,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        layers=layers,
+        intermediate_size=hidden * 11 // 4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        with_tokenizer=False,
     )
     tiny = save_tiny_model(root / "tiny", "llama", with_tokenizer=False)
     return big, tiny
@@ -101,13 +112,19 @@ def main() -> None:
         ours = run_child("qlora", big, tiny)
         theirs = run_child("transformers", big, tiny)
         largest = largest_tensor_bf16(big)
-    print(f"checkpoint: {shards} shards, {disk / mib:.1f} MiB bf16 on disk; largest tensor in bf16 {largest / mib:.1f} MiB")
+    print(
+        f"checkpoint: {shards} shards, {disk / mib:.1f} MiB bf16 on disk; largest tensor in bf16 {largest / mib:.1f} MiB"
+    )
     print(f"baseline process (imports + warm-up): {base / mib:.1f} MiB peak RSS")
     for name, r in (("qlora-lite", ours), ("transformers 4-bit", theirs)):
-        print(f"{name:>20}: peak RSS above baseline {(r['peak'] - base) / mib:7.1f} MiB; model {r['model_bytes'] / mib:.1f} MiB")
+        print(
+            f"{name:>20}: peak RSS above baseline {(r['peak'] - base) / mib:7.1f} MiB; model {r['model_bytes'] / mib:.1f} MiB"
+        )
     bound = ours["model_bytes"] + largest
     print(f"bound (quantized model + largest bf16 tensor): {bound / mib:.1f} MiB")
-    print(f"ratio qlora-lite / transformers (above baseline): {(ours['peak'] - base) / max(theirs['peak'] - base, 1):.2f}")
+    print(
+        f"ratio qlora-lite / transformers (above baseline): {(ours['peak'] - base) / max(theirs['peak'] - base, 1):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,20 +39,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qlora_lite.memory.constants import GiB  # noqa: E402
+from qlora_lite.memory.inventory import PRESET_DIR, preset_names  # noqa: E402
+from qlora_lite.memory.probe import AllocationTracker, unique_bytes  # noqa: E402
+from qlora_lite.memory.report import estimate_memory  # noqa: E402
 from qlora_lite.model.loader import load_quantized  # noqa: E402
 from qlora_lite.model.lora import apply_lora  # noqa: E402
-from qlora_lite.memory.model import GiB, PRESET_DIR, estimate_memory, preset_names  # noqa: E402
-from qlora_lite.memory.probe import AllocationTracker, unique_bytes  # noqa: E402
+from qlora_lite.model.quant import is_quantized_linear, module_weight_bytes  # noqa: E402
 from qlora_lite.training.checkpointing import enable_gradient_checkpointing  # noqa: E402
 from qlora_lite.training.optim import AdapterOptimizer  # noqa: E402
 from qlora_lite.training.step import forward_loss_sum, train_step  # noqa: E402
-from qlora_lite.model.quant import is_quantized_linear, module_weight_bytes  # noqa: E402
 
 GRIDS = {
     # (bits, seq_len, batch_size, gradient_checkpointing)
     "full": list(itertools.product((4, 8), (512, 2048), (1, 4), (True, False))),
-    "small": [(4, 512, 1, True), (4, 2048, 1, True), (4, 2048, 4, True), (4, 512, 4, False), (8, 2048, 1, True),
-              (8, 512, 4, False)],
+    "small": [
+        (4, 512, 1, True),
+        (4, 2048, 1, True),
+        (4, 2048, 4, True),
+        (4, 512, 4, False),
+        (8, 2048, 1, True),
+        (8, 512, 4, False),
+    ],
 }
 
 
@@ -116,14 +124,29 @@ def measure_cuda(args, model_dir: Path) -> list[dict]:
     rows = []
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     for bits, seq_len, batch_size, checkpointing in GRIDS[args.grid]:
-        settings = dict(bits=bits, seq_len=seq_len, batch_size=batch_size, gradient_checkpointing=checkpointing,
-                        rank=args.rank, targets=args.targets, optimizer=args.optimizer, grad_accum=args.grad_accum,
-                        chunked_loss=args.loss_chunk > 0, loss_chunk_tokens=args.loss_chunk or 128)
+        settings = dict(
+            bits=bits,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            gradient_checkpointing=checkpointing,
+            rank=args.rank,
+            targets=args.targets,
+            optimizer=args.optimizer,
+            grad_accum=args.grad_accum,
+            chunked_loss=args.loss_chunk > 0,
+            loss_chunk_tokens=args.loss_chunk or 128,
+        )
         report = estimate_memory(model_dir, **settings)
-        row = {"bits": bits, "seq_len": seq_len, "batch_size": batch_size, "checkpointing": checkpointing,
-               "predicted_allocated": report.allocated_peak - report.paged_bytes,
-               "predicted_reserved": report.reserved_peak - report.paged_bytes,
-               "predicted_total": report.total, "predicted_phase": report.peak_phase}
+        row = {
+            "bits": bits,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "checkpointing": checkpointing,
+            "predicted_allocated": report.allocated_peak - report.paged_bytes,
+            "predicted_reserved": report.reserved_peak - report.paged_bytes,
+            "predicted_total": report.total,
+            "predicted_phase": report.peak_phase,
+        }
         gc.collect()
         torch.cuda.empty_cache()
         try:
@@ -182,19 +205,33 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
     rows = []
     grid = [(4, 32, 2, True), (4, 32, 2, False), (8, 32, 2, True)] if args.tiny else GRIDS[args.grid]
     for bits, seq_len, batch_size, checkpointing in grid:
-        report = estimate_memory(model_dir, bits=bits, seq_len=seq_len, batch_size=batch_size, rank=args.rank,
-                                 targets=args.targets, gradient_checkpointing=checkpointing, optimizer=args.optimizer,
-                                 grad_accum=args.grad_accum, device="cpu", chunked_loss=args.loss_chunk > 0,
-                                 loss_chunk_tokens=args.loss_chunk or 128)
+        report = estimate_memory(
+            model_dir,
+            bits=bits,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            rank=args.rank,
+            targets=args.targets,
+            gradient_checkpointing=checkpointing,
+            optimizer=args.optimizer,
+            grad_accum=args.grad_accum,
+            device="cpu",
+            chunked_loss=args.loss_chunk > 0,
+            loss_chunk_tokens=args.loss_chunk or 128,
+        )
         model, opt = prepare(model_dir, bits, args.rank, args.targets, checkpointing, args.optimizer, "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         quantized = [m for m in model.modules() if is_quantized_linear(m)]
         qweights = {id(m.weight) for m in quantized}
-        ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)
+        )
         before = unique_bytes(list(model.parameters()) + list(model.buffers()) + opt.masters)
         with AllocationTracker() as tracker:
             # the first micro-batch by hand, to read the stored activations between forward and backward
-            loss = forward_loss_sum(model, batch_of(ids), torch.device("cpu"), bf16=False, loss_chunk_tokens=args.loss_chunk)
+            loss = forward_loss_sum(
+                model, batch_of(ids), torch.device("cpu"), bf16=False, loss_chunk_tokens=args.loss_chunk
+            )
             stored = tracker.current
             loss.backward()
             del loss
@@ -206,7 +243,9 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
             train_steps(model, opt, ids, args.steps, args.grad_accum, "cpu", args.loss_chunk)
         exact = {
             "quantized_weights": sum(module_weight_bytes(m) for m in quantized),
-            "unquantized_weights": unique_bytes(p for p in model.parameters() if id(p) not in qweights and not p.requires_grad),
+            "unquantized_weights": unique_bytes(
+                p for p in model.parameters() if id(p) not in qweights and not p.requires_grad
+            ),
             "buffers": unique_bytes(model.buffers()),
             "lora_adapters": unique_bytes(params),
             "lora_gradients": bf16_grads,
@@ -216,11 +255,18 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
         mismatches = {k: (report.size(k), v) for k, v in exact.items() if report.size(k) != v}
         # the trainer's loss path keeps slightly different small tensors than transformers' labels path:
         # compare the stored activations with a tolerance here (the tests check transformers' path exactly)
-        row = {"bits": bits, "seq_len": seq_len, "batch_size": batch_size, "checkpointing": checkpointing,
-               "exact_mismatches": mismatches, "stored_measured": stored,
-               "stored_predicted": report.details["stored_after_forward"],
-               "peak_measured": before + tracker.peak, "peak_predicted": report.allocated_peak,
-               "predicted_phase": report.peak_phase}
+        row = {
+            "bits": bits,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "checkpointing": checkpointing,
+            "exact_mismatches": mismatches,
+            "stored_measured": stored,
+            "stored_predicted": report.details["stored_after_forward"],
+            "peak_measured": before + tracker.peak,
+            "peak_predicted": report.allocated_peak,
+            "predicted_phase": report.peak_phase,
+        }
         rows.append(row)
         status = "exact" if not mismatches else f"MISMATCH {mismatches}"
         print(
@@ -238,7 +284,9 @@ def measure_cpu(args, model_dir: Path) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama-3.2-1b", choices=preset_names())
-    parser.add_argument("--model-dir", default=None, help="use this model directory instead of random weights from --preset")
+    parser.add_argument(
+        "--model-dir", default=None, help="use this model directory instead of random weights from --preset"
+    )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama (for --device cpu)")
     parser.add_argument("--grid", default="full", choices=sorted(GRIDS))
@@ -247,7 +295,9 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer", default="paged_adamw_8bit")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per grid point")
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    parser.add_argument("--loss-chunk", type=int, default=128, help="train.loss_chunk_tokens (0: full-vocabulary logits)")
+    parser.add_argument(
+        "--loss-chunk", type=int, default=128, help="train.loss_chunk_tokens (0: full-vocabulary logits)"
+    )
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed |predicted/measured - 1| of reserved")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -266,8 +316,11 @@ def main(argv=None) -> int:
             print(f"writing {args.preset} with random weights to {tmp} ...", flush=True)
             model_dir = write_random_model(args.preset, Path(tmp) / args.preset, args.device)
         if args.device == "cuda":
-            print(f"{torch.cuda.get_device_name()}: predicted / measured peak of torch's allocator "
-                  f"(paged optimizer state and the CUDA context are outside both)", flush=True)
+            print(
+                f"{torch.cuda.get_device_name()}: predicted / measured peak of torch's allocator "
+                f"(paged optimizer state and the CUDA context are outside both)",
+                flush=True,
+            )
             rows = measure_cuda(args, model_dir)
             failed = [r for r in rows if "error" in r or abs(ratio(r, "reserved") - 1) > args.tolerance]
         else:
@@ -275,8 +328,11 @@ def main(argv=None) -> int:
             failed = [r for r in rows if r["exact_mismatches"]]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    print(f"{len(rows) - len(failed)}/{len(rows)} points within tolerance" if args.device == "cuda"
-          else f"{len(rows) - len(failed)}/{len(rows)} points with exact non-activation components")
+    print(
+        f"{len(rows) - len(failed)}/{len(rows)} points within tolerance"
+        if args.device == "cuda"
+        else f"{len(rows) - len(failed)}/{len(rows)} points with exact non-activation components"
+    )
     return 1 if failed else 0
 
 

@@ -16,7 +16,9 @@ def add_parser(sub: Any) -> None:
         description="Take the shipped tiny model (pre-trained to copy words) and teach it a Caesar shift with 4-bit QLoRA; "
         "shows eval loss, accuracy and generations before and after. Runs offline.",
     )
-    p.add_argument("--out", default="runs/demo", help="where the demo writes its base model, data, run and merged model")
+    p.add_argument(
+        "--out", default="runs/demo", help="where the demo writes its base model, data, run and merged model"
+    )
     p.add_argument("--steps", type=int, default=80, help="QLoRA training steps")
     p.set_defaults(handler=run)
 
@@ -31,8 +33,9 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     console = make_console()
     reporter = RichReporter(console, title="QLoRA")
     try:
-        demo = run_demo(args.out, reporter=reporter, on_stage=lambda msg: console.print(f"[bold]>[/] {msg}"),
-                        train_steps=args.steps)
+        demo = run_demo(
+            args.out, reporter=reporter, on_stage=lambda msg: console.print(f"[bold]>[/] {msg}"), train_steps=args.steps
+        )
     finally:
         reporter.close()
     console.print(summary_table(demo.train, title="QLoRA run"))

@@ -30,8 +30,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--verify", action="store_true", help="compare the merged model's logits with base + adapter")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow model code from the base directory (config.json auto_map); only for code you trust")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the base directory (config.json auto_map); only for code you trust",
+    )
     p.set_defaults(handler=run)
 
 
@@ -54,8 +57,16 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     )
     if result.merge_into == "dequantized":
         q = result.quant
-        kind = "8-bit LLM.int8" if q.bits == 8 else f"4-bit {q.quant_type}, double quant {q.double_quant}, blocksize {q.blocksize}"
-        origin = "recorded in the adapter" if result.quant_recorded else "not recorded in the adapter, assumed the QLoRA defaults"
+        kind = (
+            "8-bit LLM.int8"
+            if q.bits == 8
+            else f"4-bit {q.quant_type}, double quant {q.double_quant}, blocksize {q.blocksize}"
+        )
+        origin = (
+            "recorded in the adapter"
+            if result.quant_recorded
+            else "not recorded in the adapter, assumed the QLoRA defaults"
+        )
         say(f"quantization: {kind} ({origin})")
     if not args.verify:
         return 0
@@ -69,7 +80,12 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if check.max_rel < VERIFY_TOLERANCE:
         return 0
     if result.merge_into == "original":
-        say("note: merging into the original weights removes the quantization error the adapter was trained with, so larger differences are expected.")
+        say(
+            "note: merging into the original weights removes the quantization error the adapter was trained with, so larger differences are expected."
+        )
         return 0
-    console(stderr=True).print(f"[bold red]verify failed:[/] largest difference {check.max_rel:.2e} is above {VERIFY_TOLERANCE:g}.", soft_wrap=True)
+    console(stderr=True).print(
+        f"[bold red]verify failed:[/] largest difference {check.max_rel:.2e} is above {VERIFY_TOLERANCE:g}.",
+        soft_wrap=True,
+    )
     return 1

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import QloraLiteError
 from .common import console as _console

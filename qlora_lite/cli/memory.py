@@ -32,25 +32,43 @@ def add_parser(sub: Any) -> None:
         "Give a training YAML (its settings are used) or a model dir / preset (the trainer's defaults); "
         "flags and --section.key value overrides change either.",
     )
-    p.add_argument("model", nargs="?", help="training YAML, model directory (config.json is enough) or a preset (see --list-presets)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="training YAML, model directory (config.json is enough) or a preset (see --list-presets)",
+    )
     p.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
     p.add_argument("--bits", type=int, default=None, help="4 (NF4/FP4) or 8 (LLM.int8); quant.bits")
     p.add_argument("--quant-type", default=None, help="4-bit data type: nf4 or fp4; quant.quant_type")
     p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization of the absmax")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank; lora.r")
-    p.add_argument("--targets", default=None, help="all-linear, or module names such as q_proj,v_proj; lora.target_modules")
-    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (> 0 keeps a copy of each LoRA input)")
+    p.add_argument(
+        "--targets", default=None, help="all-linear, or module names such as q_proj,v_proj; lora.target_modules"
+    )
+    p.add_argument(
+        "--lora-dropout", type=float, default=None, help="LoRA dropout (> 0 keeps a copy of each LoRA input)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; data.max_seq_len")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch; train.micro_batch_size")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step; train.grad_accum")
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
     p.add_argument("--optimizer", default=None, help="paged_adamw_8bit, adamw_8bit or adamw; train.optimizer")
-    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=None,
-                   help="lm_head + cross-entropy in chunks (train.loss_chunk_tokens), as the trainer does by default")
+    p.add_argument(
+        "--chunked-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lm_head + cross-entropy in chunks (train.loss_chunk_tokens), as the trainer does by default",
+    )
     p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs kept in CPU memory")
-    p.add_argument("--padding", action=argparse.BooleanOptionalAction, default=None,
-                   help="micro-batches contain padding (default: when micro-batch > 1 without packing)")
-    p.add_argument("--attn", default=None, help="attention implementation to count: sdpa or eager (default: transformers' pick)")
+    p.add_argument(
+        "--padding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="micro-batches contain padding (default: when micro-batch > 1 without packing)",
+    )
+    p.add_argument(
+        "--attn", default=None, help="attention implementation to count: sdpa or eager (default: transformers' pick)"
+    )
     p.add_argument("--gpu-memory", default=None, help="budget such as 12GiB, or a GPU name such as rtx-4090-24gb")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(handler=run, accepts_overrides=True)
@@ -58,11 +76,13 @@ def add_parser(sub: Any) -> None:
 
 def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     """The flags as config overrides, then the explicit --section.key ones (which win)."""
-    out: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    out: dict[str, Any] = {
+        key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None
+    }
     if args.targets is not None:
-        out["lora.target_modules"] = args.targets if args.targets == "all-linear" else [
-            t.strip() for t in args.targets.split(",") if t.strip()
-        ]
+        out["lora.target_modules"] = (
+            args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
+        )
     if args.no_double_quant:
         out["quant.double_quant"] = False
     if args.no_checkpointing:
@@ -81,7 +101,9 @@ def run_config(args: argparse.Namespace, extra: dict[str, Any]):
     from ..errors import UsageError
 
     if not args.model:
-        raise UsageError("memory needs a training YAML, a model directory or a preset; see `qlora-lite memory --list-presets`.")
+        raise UsageError(
+            "memory needs a training YAML, a model directory or a preset; see `qlora-lite memory --list-presets`."
+        )
     overrides = _overrides(args, extra)
     path = Path(args.model)
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -98,7 +120,8 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     from rich.table import Table
 
     from ..memory.advice import advise, gib, parse_budget
-    from ..memory.model import COMPONENT_LABELS, build_inventory, describe_components, preset_names, report_for
+    from ..memory.inventory import build_inventory, preset_names
+    from ..memory.report import COMPONENT_LABELS, describe_components, report_for
     from ..memory.settings import settings_from_config
 
     out = console()
@@ -116,7 +139,9 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         out.print_json(json.dumps({**report.to_dict(), "advice": advice.to_dict()}))
         return 0
     s = settings
-    quant = f"{s.bits}-bit" + (f" {s.quant_type}{' + double quant' if s.double_quant else ''}" if s.bits == 4 else " LLM.int8")
+    quant = f"{s.bits}-bit" + (
+        f" {s.quant_type}{' + double quant' if s.double_quant else ''}" if s.bits == 4 else " LLM.int8"
+    )
     out.print(
         f"[bold]{report.model}[/] ({report.details['parameters'] / 1e9:.2f}B params): {quant}, r={s.rank} on "
         f"{report.details['targeted_layers']} layers, seq {s.seq_len} x micro-batch {s.batch_size}, grad_accum "
@@ -132,7 +157,11 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     for key, value in report.components.items():
         table.add_row(COMPONENT_LABELS.get(key, key), gib(value), how.get(key, ""))
     for key, value in report.other_phases.items():
-        table.add_row(f"[dim]{COMPONENT_LABELS.get(key, key)}[/]", f"[dim]({gib(value)})[/]", "[dim]other phase, not at the peak[/]")
+        table.add_row(
+            f"[dim]{COMPONENT_LABELS.get(key, key)}[/]",
+            f"[dim]({gib(value)})[/]",
+            "[dim]other phase, not at the peak[/]",
+        )
     out.print(table)
     for note in report.notes:
         out.print(f"note: {note}")

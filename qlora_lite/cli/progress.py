@@ -69,12 +69,18 @@ class RichReporter(Reporter):
     def on_step(self, record: dict) -> None:
         mem = f"{record['mem_gib']:.2f} GiB" if "mem_gib" in record else ""
         self.progress.update(
-            self.task, completed=record["step"], loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-            speed=_human(record["tokens_per_s"]), mem=mem,
+            self.task,
+            completed=record["step"],
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            speed=_human(record["tokens_per_s"]),
+            mem=mem,
         )
 
     def on_eval(self, record: dict) -> None:
-        self.progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+        self.progress.console.print(
+            f"step {record['step']}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}"
+        )
 
     def on_checkpoint(self, step: int, path) -> None:
         self.progress.console.print(f"[dim]step {step}: checkpoint {path}[/]")
@@ -96,7 +102,10 @@ def summary_table(result: TrainResult, title: str = "run summary"):
     table = Table(title=title, show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    table.add_row("steps", f"{result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from is not None else ""))
+    table.add_row(
+        "steps",
+        f"{result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from is not None else ""),
+    )
     table.add_row("train loss (last log)", f"{result.train_loss:.4f}" if result.train_loss is not None else "-")
     if result.eval_loss is not None:
         table.add_row("eval loss", f"{result.eval_loss:.4f}")

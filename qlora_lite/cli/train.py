@@ -28,8 +28,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     """Train from the YAML config with the overrides; print the summary."""
     from ..config.load import load_config
-    from .progress import RichReporter, summary_table
     from ..training.loop import train
+    from .progress import RichReporter, summary_table
 
     config = load_config(args.config, overrides)
     out = console()

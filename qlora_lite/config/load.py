@@ -119,7 +119,9 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         if not prefix:
-            raise ConfigError(f"the config must be a mapping of keys to values, got {data!r}; write `key: value` lines.")
+            raise ConfigError(
+                f"the config must be a mapping of keys to values, got {data!r}; write `key: value` lines."
+            )
         section = prefix.rstrip(".")
         raise ConfigError(
             f"config section {section!r} must be a mapping of keys to values, got {data!r}; "
@@ -183,7 +185,9 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None, for_t
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path} line {line} is not UTF-8 text ({exc.reason}); save the file as UTF-8.") from None
+        raise ConfigError(
+            f"config file {path} line {line} is not UTF-8 text ({exc.reason}); save the file as UTF-8."
+        ) from None
     try:
         data = yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as exc:
@@ -233,4 +237,3 @@ def _unique_key_loader() -> type:
             return super().construct_mapping(node, deep)
 
     return UniqueKeyLoader
-

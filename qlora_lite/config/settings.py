@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -64,7 +64,11 @@ def _check_field(f: dataclasses.Field, value: Any, key: str) -> str | None:
         return f"{key} is {value!r}; use {', '.join(names[:-1])} or {names[-1]}"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high, above = meta.get("min"), meta.get("max"), meta.get("min_exclusive")
-        if (above is not None and value <= above) or (low is not None and value < low) or (high is not None and value > high):
+        if (
+            (above is not None and value <= above)
+            or (low is not None and value < low)
+            or (high is not None and value > high)
+        ):
             return f"{key} is {value}; it must be {_range_text(meta, value)}"
     return None
 
@@ -96,7 +100,9 @@ class Section:
 class QuantConfig(Section):
     bits: int = setting(4, "4 (NF4/FP4 via bitsandbytes) or 8 (LLM.int8)", choices=(4, 8), resume=True)
     quant_type: str = setting("nf4", "4-bit data type: nf4 or fp4", choices=("nf4", "fp4"), resume=True)
-    double_quant: bool = setting(True, "quantize the 4-bit absmax statistics again (saves ~0.37 bit/param)", resume=True)
+    double_quant: bool = setting(
+        True, "quantize the 4-bit absmax statistics again (saves ~0.37 bit/param)", resume=True
+    )
     blocksize: int = setting(64, "4-bit quantization block size", choices=BLOCKSIZES, resume=True)
     int8_threshold: float = setting(
         6.0, "LLM.int8 outlier threshold on activations (0 turns the fp16 outlier path off)", min=0.0, resume=True
@@ -105,10 +111,10 @@ class QuantConfig(Section):
 
 @dataclass
 class LoraConfig(Section):
-    r: int = setting(16, "adapter rank", min=1, max=65536, expect="a positive whole number such as 8 or 16", resume=True)
+    r: int = setting(16, "adapter rank", min=1, expect="a positive whole number such as 8 or 16", resume=True)
     alpha: float = setting(32.0, "scaling numerator: scaling = alpha / r (alpha / sqrt(r) with rslora)", resume=True)
     dropout: float = setting(0.0, "dropout on the adapter input", min=0.0, max=0.999, expect="in [0, 1)", resume=True)
-    target_modules: Union[str, list] = setting(
+    target_modules: str | list = setting(
         "all-linear",
         "'all-linear', a list of module names (e.g. [q_proj, v_proj]) or a regex over full module paths",
         resume=True,
@@ -140,12 +146,20 @@ class DataConfig(Section):
     )
     eval: str = setting("", "evaluation data file; empty to split eval_fraction off the training data", resume=True)
     eval_fraction: float = setting(
-        0.0, "fraction of the training records held out for eval when data.eval is empty", min=0.0, max=0.99,
-        expect="in [0, 1)", resume=True,
+        0.0,
+        "fraction of the training records held out for eval when data.eval is empty",
+        min=0.0,
+        max=0.99,
+        expect="in [0, 1)",
+        resume=True,
     )
     max_seq_len: int = setting(
-        1024, "tokens per sequence; longer records are truncated (see truncation)", min=1, max=2**24,
-        expect="a positive number of tokens (at most 16777216)", resume=True,
+        1024,
+        "tokens per sequence; longer records are truncated (see truncation)",
+        min=1,
+        max=2**24,
+        expect="a positive number of tokens (at most 16777216)",
+        resume=True,
     )
     truncation: bool = setting(True, "truncate records longer than max_seq_len (false: refuse them)", resume=True)
     packing: bool = setting(False, "pack several records into each max_seq_len sequence", resume=True)
@@ -156,7 +170,9 @@ class TrainSettings(Section):
     max_steps: int = setting(200, "optimizer steps to run", min=1, max=MAX_COUNT)
     micro_batch_size: int = setting(4, "sequences per forward pass", min=1, max=65536, resume=True)
     grad_accum: int = setting(4, "micro-batches per optimizer step", min=1, max=65536, resume=True)
-    lr: float = setting(2.0e-4, "peak learning rate", min_exclusive=0.0, max=10.0, expect="a positive number such as 2e-4")
+    lr: float = setting(
+        2.0e-4, "peak learning rate", min_exclusive=0.0, max=10.0, expect="a positive number such as 2e-4"
+    )
     weight_decay: float = setting(0.0, "AdamW weight decay on the adapters", min=0.0, max=10.0)
     warmup_steps: int = setting(10, "linear warmup steps", min=0, max=MAX_COUNT)
     schedule: str = setting("cosine", "learning-rate schedule after warmup: cosine or constant", choices=SCHEDULES)
@@ -184,9 +200,7 @@ class TrainSettings(Section):
     eval_every: int = setting(50, "steps between eval passes (0: only at the end)", min=0, max=MAX_COUNT)
     save_every: int = setting(50, "steps between checkpoints (0: only at the end)", min=0, max=MAX_COUNT)
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", min=1, max=MAX_COUNT)
-    bf16: bool = setting(
-        True, "run the forward under bf16 autocast where the device has it (CUDA with bf16, the CPU)"
-    )
+    bf16: bool = setting(True, "run the forward under bf16 autocast where the device has it (CUDA with bf16, the CPU)")
 
     def check(self, prefix: str) -> list[str]:
         if self.offload_activations and not self.gradient_checkpointing:

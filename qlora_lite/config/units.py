@@ -27,7 +27,9 @@ def parse_size(value: str | int, what: str, example: str = "5GB") -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
         if not match or match.group(2) not in SIZE_UNITS:
-            raise ConfigError(f"{what} {value!r} is not a size; write a number with a unit ({UNIT_NAMES}), e.g. {example}.")
+            raise ConfigError(
+                f"{what} {value!r} is not a size; write a number with a unit ({UNIT_NAMES}), e.g. {example}."
+            )
         number = float(match.group(1))
         if not math.isfinite(number):
             raise ConfigError(f"{what} {value!r} is not a finite size; write it like {example}.")

@@ -76,4 +76,10 @@ class BatchOrder:
 
     def state(self) -> dict:
         """The position to save in a checkpoint."""
-        return {"epoch": self.epoch, "index": self.index, "n_examples": self.n, "micro_batch_size": self.size, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "n_examples": self.n,
+            "micro_batch_size": self.size,
+            "seed": self.seed,
+        }

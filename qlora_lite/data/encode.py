@@ -13,8 +13,9 @@ character. Labels are aligned with `input_ids`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -69,9 +70,13 @@ def _tokenize_with_mask(tokenizer, text: str, spans: list[tuple[int, int]], add_
     it carries target text, and masking it would drop the answer's first token.
     """
     try:
-        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_attention_mask=False)
+        enc = tokenizer(
+            text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_attention_mask=False
+        )
     except NotImplementedError:
-        raise DataError(f"{where}: the tokenizer is not a fast tokenizer, so loss masks cannot be placed; use a model with tokenizer.json.") from None
+        raise DataError(
+            f"{where}: the tokenizer is not a fast tokenizer, so loss masks cannot be placed; use a model with tokenizer.json."
+        ) from None
     ids = list(enc["input_ids"])
     labels = []
     for tok, (start, end) in zip(ids, enc["offset_mapping"]):
@@ -119,7 +124,9 @@ def encode_record(record: dict, tokenizer, fmt: str, where: str) -> Example:
     except DataError:
         raise
     except Exception as exc:  # jinja raises its own types (TemplateError, exceptions raised by the template)
-        raise DataError(f"{where}: the chat template cannot render this conversation ({str(exc).splitlines()[0][:160]}).") from None
+        raise DataError(
+            f"{where}: the chat template cannot render this conversation ({str(exc).splitlines()[0][:160]})."
+        ) from None
     ids, labels = _tokenize_with_mask(tokenizer, full, spans, False, where)
     return Example(ids, labels, where)
 

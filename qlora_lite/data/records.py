@@ -28,7 +28,9 @@ def _hub_dataset(name: str) -> list[tuple[str, dict]] | None:
     try:
         ds = datasets.load_dataset(repo, split=split or "train")
     except Exception as exc:  # datasets raises many unrelated types (connection, file, value)
-        raise DataError(f"the datasets library cannot load {name!r} ({str(exc).splitlines()[0][:160]}); check the name or use a local JSONL file.") from None
+        raise DataError(
+            f"the datasets library cannot load {name!r} ({str(exc).splitlines()[0][:160]}); check the name or use a local JSONL file."
+        ) from None
     return [(f"{name}[{i}]", dict(row)) for i, row in enumerate(ds)]
 
 
@@ -59,9 +61,13 @@ def load_records(source: str | Path) -> list[tuple[str, dict]]:
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); fix the file or write one JSON object per line (.jsonl).") from None
+            raise DataError(
+                f"{path}: not valid JSON ({exc}); fix the file or write one JSON object per line (.jsonl)."
+            ) from None
         if not isinstance(data, list):
-            raise DataError(f"{path} holds a JSON {type(data).__name__}, not an array of records; write a list of objects or JSONL.")
+            raise DataError(
+                f"{path} holds a JSON {type(data).__name__}, not an array of records; write a list of objects or JSONL."
+            )
         records = [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
     else:
         records = []
@@ -71,12 +77,18 @@ def load_records(source: str | Path) -> list[tuple[str, dict]]:
             try:
                 rec = json.loads(line)
             except ValueError as exc:
-                problem = exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg  # "Unterminated string starting at"
-                raise DataError(f"{path} line {number} is not valid JSON ({problem} at column {exc.colno}); fix or remove that line.") from None
+                problem = (
+                    exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg
+                )  # "Unterminated string starting at"
+                raise DataError(
+                    f"{path} line {number} is not valid JSON ({problem} at column {exc.colno}); fix or remove that line."
+                ) from None
             records.append((f"{path} line {number}", rec))
     for where, rec in records:
         if not isinstance(rec, dict):
-            raise DataError(f"{where} is a JSON {type(rec).__name__}, not an object; each record must be an object such as {{\"text\": ...}}.")
+            raise DataError(
+                f'{where} is a JSON {type(rec).__name__}, not an object; each record must be an object such as {{"text": ...}}.'
+            )
     if not records:
         raise DataError(f"{path} holds no records; add at least one JSON object.")
     return records
@@ -97,7 +109,9 @@ def record_format(record: dict, where: str) -> str:
     if "prompt" in record or "completion" in record:
         for key in ("prompt", "completion"):
             if key not in record:
-                raise DataError(f"{where}: record has 'prompt' or 'completion' but no {key!r}; prompt/completion records need both.")
+                raise DataError(
+                    f"{where}: record has 'prompt' or 'completion' but no {key!r}; prompt/completion records need both."
+                )
             if not isinstance(record[key], str):
                 raise DataError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}.")
         return "prompt_completion"

@@ -19,10 +19,9 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -86,18 +85,36 @@ def demo_config(
     base_dir: Path, data_dir: Path, run_dir: Path, steps: int, seed: int, adapter_dtype: str = "bfloat16"
 ) -> TrainConfig:
     """The demo's training config: 4-bit NF4 base, r=16 adapters on every linear layer, cosine schedule."""
-    return config_from_dict({
-        "model": str(base_dir),
-        "output_dir": str(run_dir),
-        "quant": {"bits": 4, "quant_type": "nf4", "double_quant": True},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "adapter_dtype": adapter_dtype},
-        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "max_seq_len": 32},
-        "train": {
-            "max_steps": steps, "micro_batch_size": 16, "grad_accum": 1, "lr": 5e-3, "warmup_steps": 5,
-            "schedule": "cosine", "optimizer": "paged_adamw_8bit", "gradient_checkpointing": True, "seed": seed,
-            "log_every": 5, "eval_every": 20, "save_every": 40, "keep_checkpoints": 2,
-        },
-    })
+    return config_from_dict(
+        {
+            "model": str(base_dir),
+            "output_dir": str(run_dir),
+            "quant": {"bits": 4, "quant_type": "nf4", "double_quant": True},
+            "lora": {
+                "r": 16,
+                "alpha": 32,
+                "dropout": 0.0,
+                "target_modules": "all-linear",
+                "adapter_dtype": adapter_dtype,
+            },
+            "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "max_seq_len": 32},
+            "train": {
+                "max_steps": steps,
+                "micro_batch_size": 16,
+                "grad_accum": 1,
+                "lr": 5e-3,
+                "warmup_steps": 5,
+                "schedule": "cosine",
+                "optimizer": "paged_adamw_8bit",
+                "gradient_checkpointing": True,
+                "seed": seed,
+                "log_every": 5,
+                "eval_every": 20,
+                "save_every": 40,
+                "keep_checkpoints": 2,
+            },
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -134,8 +151,13 @@ def run_demo(
 
 
 def _run(
-    out: Path, reporter: Reporter | None, stage: Callable[[str], None], train_steps: int, adapter_dtype: str,
-    seed: int, export: bool,
+    out: Path,
+    reporter: Reporter | None,
+    stage: Callable[[str], None],
+    train_steps: int,
+    adapter_dtype: str,
+    seed: int,
+    export: bool,
 ) -> DemoResult:
     """`run_demo`'s stages: install the base, write the data, measure, train, measure, merge, write demo.json."""
     from ..export.adapter import load_adapter
@@ -185,10 +207,21 @@ def _run(
         merged_dir, merge_note = _try_merge(base_dir, result.adapter_dir, out / "merged", samples, stage, timings)
 
     demo = DemoResult(
-        out_dir=out, base_dir=base_dir, run_dir=run_dir, pretrain_steps=int(info["steps"]), pretrain_copy_loss=copy_loss,
-        eval_loss_before=loss_before, eval_loss_after=float(result.eval_loss), accuracy_before=acc_before,
-        accuracy_after=acc_after, samples=samples, train=result, merged_dir=merged_dir, merge_note=merge_note,
-        seconds=time.perf_counter() - started, timings=timings,
+        out_dir=out,
+        base_dir=base_dir,
+        run_dir=run_dir,
+        pretrain_steps=int(info["steps"]),
+        pretrain_copy_loss=copy_loss,
+        eval_loss_before=loss_before,
+        eval_loss_after=float(result.eval_loss),
+        accuracy_before=acc_before,
+        accuracy_after=acc_after,
+        samples=samples,
+        train=result,
+        merged_dir=merged_dir,
+        merge_note=merge_note,
+        seconds=time.perf_counter() - started,
+        timings=timings,
     )
     summary = {k: v for k, v in asdict(demo).items() if k not in ("train",)}
     summary["train_steps"] = result.steps

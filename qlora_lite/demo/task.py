@@ -51,7 +51,9 @@ def write_task_data(data_dir: Path, seed: int, n_train: int = 512, n_eval: int =
 
 
 @torch.no_grad()
-def greedy_answers(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = WORD_LEN + 2) -> list[str]:
+def greedy_answers(
+    model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = WORD_LEN + 2
+) -> list[str]:
     """Greedy continuations of each prompt up to EOS (prompts of equal token length are batched)."""
     model.eval()
     device = next(p.device for p in model.parameters())

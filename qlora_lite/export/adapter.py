@@ -98,10 +98,14 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     """The parsed `adapter_config.json` of an adapter dir, checked to be a plain LoRA adapter."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise AdapterError(f"adapter directory {adapter_dir} does not exist; give the adapter/ folder of a run (or a peft adapter dir).")
+        raise AdapterError(
+            f"adapter directory {adapter_dir} does not exist; give the adapter/ folder of a run (or a peft adapter dir)."
+        )
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
-        raise AdapterError(f"{adapter_dir} has no {ADAPTER_CONFIG}; point to a directory written by save_adapter or peft.")
+        raise AdapterError(
+            f"{adapter_dir} has no {ADAPTER_CONFIG}; point to a directory written by save_adapter or peft."
+        )
     try:
         config = json.loads(path.read_text())
     except ValueError as exc:
@@ -114,9 +118,13 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if config.get("use_dora"):
         raise AdapterError(f"{path} is a DoRA adapter, which qlora-lite does not support.")
     if config.get("modules_to_save"):
-        raise AdapterError(f"{path} has fully trained modules_to_save {config['modules_to_save']}, which qlora-lite does not support; re-train without them.")
+        raise AdapterError(
+            f"{path} has fully trained modules_to_save {config['modules_to_save']}, which qlora-lite does not support; re-train without them."
+        )
     if config.get("bias", "none") != "none":
-        raise AdapterError(f"{path} trains biases (bias={config['bias']!r}), which qlora-lite does not support; re-train with bias 'none'.")
+        raise AdapterError(
+            f"{path} trains biases (bias={config['bias']!r}), which qlora-lite does not support; re-train with bias 'none'."
+        )
     return config
 
 
@@ -176,7 +184,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         )
     missing = sorted(set(own) - set(tensors))
     if missing:
-        raise AdapterError(f"the adapter in {adapter_dir} lacks {missing[0]!r}; it does not cover this model's LoRA layers.")
+        raise AdapterError(
+            f"the adapter in {adapter_dir} lacks {missing[0]!r}; it does not cover this model's LoRA layers."
+        )
     for name, tensor in tensors.items():
         target = own[name]
         if tuple(tensor.shape) != tuple(target.shape):
@@ -222,7 +232,9 @@ def adapter_quant_settings(config: dict) -> tuple[QuantConfig, bool]:
     try:
         settings.validate()
     except ConfigError as exc:  # names a quant.* field; restate it as an adapter problem
-        raise AdapterError(f"{ADAPTER_CONFIG} records invalid quantization settings ({exc}); re-save the adapter.") from None
+        raise AdapterError(
+            f"{ADAPTER_CONFIG} records invalid quantization settings ({exc}); re-save the adapter."
+        ) from None
     return settings, True
 
 

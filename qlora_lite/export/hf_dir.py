@@ -86,7 +86,9 @@ def run_export(
         max_shard_size=max_shard_size, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     # Quantize where training did (CUDA when present), so the bytes match the trained model's.
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     # One export per output dir. The lock file sits beside the dir, which is renamed into place whole.
     with DirectoryLock(plan.out_dir, purpose="qlora-lite export", beside=True):
         replace = _check_out_dir(plan.out_dir, plan.base_dir, plan.adapter_dir, overwrite)  # again, now that we hold it

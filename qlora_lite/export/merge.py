@@ -8,7 +8,7 @@ Working memory stays at about one tensor's worth.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -25,7 +25,7 @@ QUANT_CHUNK_ELEMENTS = 2**18
 
 def quantize_4bit_chunked(
     weight: torch.Tensor, settings: QuantConfig, chunk_elements: int = QUANT_CHUNK_ELEMENTS
-) -> tuple[torch.Tensor, "quant.bnbf.QuantState"]:
+) -> tuple[torch.Tensor, quant.bnbf.QuantState]:
     """`quant.quantize_4bit` computed a block-aligned chunk at a time: the same packed bytes and QuantState.
 
     bitsandbytes' CPU quantizer allocates about 20 bytes per element in fp32/int32 temporaries; blocks are
@@ -37,13 +37,17 @@ def quantize_4bit_chunked(
     step = max(blocksize, chunk_elements // blocksize * blocksize)
     packed_parts, absmax_parts = [], []
     for start in range(0, w.numel(), step):
-        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(w[start : start + step], blocksize, settings.quant_type, torch.uint8)
+        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(
+            w[start : start + step], blocksize, settings.quant_type, torch.uint8
+        )
         packed_parts.append(packed)
         absmax_parts.append(absmax)
     packed, absmax = torch.cat(packed_parts), torch.cat(absmax_parts)
     del packed_parts, absmax_parts
     code = bnbf.get_4bit_type(settings.quant_type, device=w.device)
-    common = dict(shape=weight.shape, dtype=quant.COMPUTE_DTYPE, blocksize=blocksize, code=code, quant_type=settings.quant_type)
+    common = dict(
+        shape=weight.shape, dtype=quant.COMPUTE_DTYPE, blocksize=blocksize, code=code, quant_type=settings.quant_type
+    )
     if not settings.double_quant:
         return packed, bnbf.QuantState(absmax=absmax, **common)
     offset = absmax.mean()
@@ -62,7 +66,9 @@ def _int8_rows(weight: torch.Tensor) -> Callable[[slice], torch.Tensor]:
     return rows_8bit
 
 
-def _dequantized_rows(weight: torch.Tensor, settings: QuantConfig, device: torch.device) -> Callable[[slice], torch.Tensor]:
+def _dequantized_rows(
+    weight: torch.Tensor, settings: QuantConfig, device: torch.device
+) -> Callable[[slice], torch.Tensor]:
     """Rows of deq(quantize(weight)) in fp32, bit-identical to what the loaded quantized layer multiplies by."""
     weight = weight.to(device)
     if settings.bits == 8:
@@ -86,7 +92,9 @@ def _extremes(values: torch.Tensor) -> tuple[float, float]:
 def _check_range(values: torch.Tensor, key: str, dtype: torch.dtype) -> None:
     lo, hi = _extremes(values)
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ExportError(f"merged tensor {key!r} has NaN or infinite values; the adapter (or base weight) is broken, re-train or re-save it.")
+        raise ExportError(
+            f"merged tensor {key!r} has NaN or infinite values; the adapter (or base weight) is broken, re-train or re-save it."
+        )
     peak = max(-lo, hi)
     if dtype == torch.float16 and peak > torch.finfo(torch.float16).max:
         raise ExportError(

@@ -17,7 +17,14 @@ from ..config.units import parse_size
 from ..errors import AdapterError, ConfigError, ExportError
 from ..io.safetensors import SafetensorsFile, weight_files
 from ..model.lora import lora_scaling
-from .adapter import _adapter_file, _module_key, _pattern_value, adapter_quant_settings, adapter_quantized_modules, read_adapter_config
+from .adapter import (
+    _adapter_file,
+    _module_key,
+    _pattern_value,
+    adapter_quant_settings,
+    adapter_quantized_modules,
+    read_adapter_config,
+)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 MERGE_MODES = ("dequantized", "original")
@@ -102,7 +109,9 @@ def _check_options(dtype: str, merge_into: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not supported for export; use 'float16' or 'bfloat16'.")
     if merge_into not in MERGE_MODES:
-        raise ExportError(f"merge_into {merge_into!r} is unknown; use 'dequantized' (the function the adapter trained against) or 'original'.")
+        raise ExportError(
+            f"merge_into {merge_into!r} is unknown; use 'dequantized' (the function the adapter trained against) or 'original'."
+        )
     return DTYPES[dtype]
 
 
@@ -118,7 +127,9 @@ def _check_out_dir(out_dir: Path, base_dir: Path, adapter_dir: Path, overwrite: 
     if not out_dir.is_dir():
         raise ExportError(f"output path {out_dir} is a file; choose a directory path for --out.")
     if any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out_dir} exists and is not empty; choose another --out or pass --overwrite to replace it.")
+        raise ExportError(
+            f"output directory {out_dir} exists and is not empty; choose another --out or pass --overwrite to replace it."
+        )
     return True
 
 
@@ -143,10 +154,14 @@ def _lora_index(adapter: SafetensorsFile, config: dict) -> dict[str, _Lora]:
             raise AdapterError(f"the adapter has no {module}.{missing}.weight for its other half; re-save the adapter.")
         for key in pair.values():
             if len(adapter.shape(key)) != 2:
-                raise AdapterError(f"adapter tensor {key!r} has shape {list(adapter.shape(key))}, not a matrix; re-save the adapter.")
+                raise AdapterError(
+                    f"adapter tensor {key!r} has shape {list(adapter.shape(key))}, not a matrix; re-save the adapter."
+                )
         r = adapter.shape(pair["lora_A"])[0]
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
-        index[module] = _Lora(pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora", False))))
+        index[module] = _Lora(
+            pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora", False)))
+        )
     if not index:
         raise AdapterError(f"{adapter.path} holds no LoRA tensors; re-save the adapter.")
     return index
@@ -169,7 +184,7 @@ def _check_lora_shapes(item: _Item, lora: _Lora, adapter: SafetensorsFile) -> No
 
 def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.dtype, trust_remote_code: bool):
     """Output items for every checkpoint tensor, with the checkpoint key -> model path map and Conv1D flags."""
-    from ..model.loader import checkpoint_key_map, is_conv1d, build_skeleton, load_config
+    from ..model.loader import build_skeleton, checkpoint_key_map, is_conv1d, load_config
 
     skeleton = build_skeleton(load_config(base_dir, trust_remote_code), trust_remote_code)
     items, paths, seen = [], {}, set()
@@ -243,7 +258,18 @@ def plan_export(
                 by_path[module].dequantize = True
 
     model_config = json.loads((base_dir / "config.json").read_text())
-    plan = ExportPlan(base_dir, Path(adapter_dir), Path(out_dir), out_dtype, merge_into, settings, recorded, adapter, model_config, items)
+    plan = ExportPlan(
+        base_dir,
+        Path(adapter_dir),
+        Path(out_dir),
+        out_dtype,
+        merge_into,
+        settings,
+        recorded,
+        adapter,
+        model_config,
+        items,
+    )
     plan.shards = _assign_shards(items, max_bytes)
     plan.replace_existing = replace
     return plan

@@ -87,8 +87,8 @@ def reference_logits(
     compute_dtype: str = "float32",
 ) -> torch.Tensor:
     """Logits (as fp32) of the quantized base + adapter, quantized as recorded in the adapter."""
-    from .adapter import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
     from ..model.loader import load_quantized
+    from .adapter import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
 
     config = read_adapter_config(adapter_dir)
     settings, _ = adapter_quant_settings(config)
@@ -121,7 +121,9 @@ def merged_logits(
     try:
         model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto")
     except (OSError, ValueError) as exc:
-        raise ExportError(f"transformers cannot load the merged model in {merged_dir} ({str(exc).splitlines()[0][:160]}); re-run the export.") from None
+        raise ExportError(
+            f"transformers cannot load the merged model in {merged_dir} ({str(exc).splitlines()[0][:160]}); re-run the export."
+        ) from None
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     if compute_dtype == "float32":
         model.float()
@@ -165,7 +167,17 @@ def verify_merged(
     expected = reference_logits(base_path, adapter_dir, input_ids, device, compute_dtype)
     actual, dtype = merged_logits(merged_dir, input_ids, device, compute_dtype)
     largest, mean = compare_logits(actual, expected)
-    return VerifyResult(max_rel=largest, mean_rel=mean, tokens=input_ids.numel(), dtype=dtype, compute_dtype=compute_dtype)
+    return VerifyResult(
+        max_rel=largest, mean_rel=mean, tokens=input_ids.numel(), dtype=dtype, compute_dtype=compute_dtype
+    )
 
 
-__all__ = ["VERIFY_TOLERANCE", "VerifyResult", "verify_merged", "reference_logits", "merged_logits", "compare_logits", "fixed_batch"]
+__all__ = [
+    "VERIFY_TOLERANCE",
+    "VerifyResult",
+    "verify_merged",
+    "reference_logits",
+    "merged_logits",
+    "compare_logits",
+    "fixed_batch",
+]

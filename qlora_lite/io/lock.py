@@ -30,7 +30,7 @@ class DirectoryLock:
         self.purpose = purpose
         self._file = None
 
-    def acquire(self) -> "DirectoryLock":
+    def acquire(self) -> DirectoryLock:
         """Take the lock or raise `LockedError` naming the process that holds it."""
         import fcntl
 
@@ -69,7 +69,7 @@ class DirectoryLock:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

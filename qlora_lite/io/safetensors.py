@@ -78,7 +78,9 @@ class SafetensorsFile:
         numel = out.numel()
         elem = torch.empty((), dtype=src_dtype).element_size()
         if (end - start) != numel * elem:
-            raise ModelLoadError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {list(shape)}; the file is corrupted.")
+            raise ModelLoadError(
+                f"{self.path}: tensor {name!r} has {end - start} bytes for shape {list(shape)}; the file is corrupted."
+            )
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + start)
             if dst_dtype == src_dtype:
@@ -118,7 +120,9 @@ def weight_files(model_dir: Path) -> list[Path]:
         names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
-            raise ModelLoadError(f"{index} lists {missing[0]}, which is not in {model_dir}; download the missing shard.")
+            raise ModelLoadError(
+                f"{index} lists {missing[0]}, which is not in {model_dir}; download the missing shard."
+            )
         return [model_dir / n for n in names]
     shards = sorted(model_dir.glob("*.safetensors"))
     if shards:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -40,7 +41,11 @@ def write_safetensors_streaming(path: Path, items: Sequence[T], produce: Callabl
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for item in items:
-        header[item.key] = {"dtype": SAFETENSORS_CODES[item.dtype], "shape": list(item.shape), "data_offsets": [offset, offset + item.nbytes]}
+        header[item.key] = {
+            "dtype": SAFETENSORS_CODES[item.dtype],
+            "shape": list(item.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
         offset += item.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
@@ -50,7 +55,9 @@ def write_safetensors_streaming(path: Path, items: Sequence[T], produce: Callabl
         for item in items:
             tensor = produce(item)
             if tensor.dtype != item.dtype or tuple(tensor.shape) != tuple(item.shape):
-                raise AssertionError(f"{item.key}: produced {tensor.dtype} {list(tensor.shape)}, planned {item.dtype} {list(item.shape)}")
+                raise AssertionError(
+                    f"{item.key}: produced {tensor.dtype} {list(tensor.shape)}, planned {item.dtype} {list(item.shape)}"
+                )
             if tensor.numel():
                 f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
             del tensor

@@ -3,12 +3,15 @@ sequence, and the single setting change that saves the most memory."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..config.units import UNIT_NAMES, parse_size
 from ..errors import ConfigError
-from .model import GiB, MiB, Inventory, MemoryReport, report_for, with_settings
+from .constants import GiB, MiB
+from .inventory import Inventory
+from .report import MemoryReport, report_for, with_settings
 
 # memory.total in MiB as nvidia-smi reports it for common boards (ECC on where the board ships with it);
 # quoted from memory of typical driver output: check yours with `nvidia-smi --query-gpu=memory.total --format=csv`.
@@ -34,10 +37,6 @@ GPU_MEMORY_MIB = {
     "h200-141gb": 143771,
 }
 
-UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-}
 MAX_SEARCH_BATCH = 4096
 MAX_SEARCH_SEQ = 1 << 20
 
@@ -47,13 +46,14 @@ def parse_budget(text: str) -> tuple[int, str]:
     key = text.strip().lower()
     if key in GPU_MEMORY_MIB:
         return GPU_MEMORY_MIB[key] * MiB, f"{key} ({GPU_MEMORY_MIB[key]} MiB)"
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)\s*", key)
-    if not match or match.group(2) not in UNITS or float(match.group(1)) <= 0:
+    try:
+        size = parse_size(text, what="GPU memory", example="12GiB")
+    except ConfigError:  # parse_size's message knows sizes only; this one also names the GPUs
         raise ConfigError(
             f"GPU memory {text!r} is not a size or a known GPU; write a positive number with a unit "
-            f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 12GiB, or one of: {', '.join(GPU_MEMORY_MIB)}."
-        )
-    return int(float(match.group(1)) * UNITS[match.group(2)]), text.strip()
+            f"({UNIT_NAMES}), e.g. 12GiB, or one of: {', '.join(GPU_MEMORY_MIB)}."
+        ) from None
+    return size, text.strip()
 
 
 @dataclass
@@ -95,33 +95,33 @@ def _fits(inv: Inventory, report: MemoryReport, budget: int, **changes: Any) -> 
     return report_for(inv, with_settings(report, **changes)).total <= budget
 
 
-def largest_batch(inv: Inventory, report: MemoryReport, budget: int) -> int:
-    """The largest micro-batch that fits at the report's sequence length (0 if none does)."""
-    if not _fits(inv, report, budget, batch_size=1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= MAX_SEARCH_BATCH and _fits(inv, report, budget, batch_size=hi):
-        lo, hi = hi, hi * 2
-    if hi > MAX_SEARCH_BATCH:
-        return lo
+def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n), or low - 1 when none does (also when high < low).
+
+    `fits` must be monotone: true up to some value, false above it (memory grows with batch and sequence).
+    Probes low, then high, then bisects keeping the invariant: `lo` fits and `hi` does not, so the answer is
+    `lo` once they are adjacent; about log2(high - low) + 2 calls.
+    """
+    if high < low or not fits(low):
+        return low - 1
+    if fits(high):
+        return high
+    lo, hi = low, high
     while hi - lo > 1:  # invariant: lo fits, hi does not
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(inv, report, budget, batch_size=mid) else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def largest_batch(inv: Inventory, report: MemoryReport, budget: int) -> int:
+    """The largest micro-batch that fits at the report's sequence length, up to 4096 (0 if none does)."""
+    return largest_fitting(lambda b: _fits(inv, report, budget, batch_size=b), 1, MAX_SEARCH_BATCH)
 
 
 def longest_sequence(inv: Inventory, report: MemoryReport, budget: int) -> tuple[int, int]:
     """(longest sequence that fits at micro-batch 1, the upper end searched: the model's context length)."""
     limit = min(inv.max_positions or MAX_SEARCH_SEQ, MAX_SEARCH_SEQ)
-    if not _fits(inv, report, budget, batch_size=1, seq_len=1):
-        return 0, limit
-    if _fits(inv, report, budget, batch_size=1, seq_len=limit):
-        return limit, limit
-    lo, hi = 1, limit
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(inv, report, budget, batch_size=1, seq_len=mid) else (lo, mid)
-    return lo, limit
+    return largest_fitting(lambda n: _fits(inv, report, budget, batch_size=1, seq_len=n), 1, limit), limit
 
 
 def candidate_switches(report: MemoryReport) -> list[tuple[str, dict[str, Any]]]:

@@ -27,6 +27,8 @@ from ..config.settings import TrainConfig
 from ..errors import QloraLiteError
 
 if TYPE_CHECKING:
+    from .inventory import Inventory
+    from .report import MemoryReport
     from .settings import RunSettings
 
 # Budget override in bytes or a GPU name (memory_advice.parse_budget): planning for a GPU that is shared, or
@@ -41,7 +43,9 @@ MARGIN_WHEN_FITTING = 0.85
 def oom_fault_point(step: int) -> None:
     """Raise `torch.OutOfMemoryError` when the test environment asks for it at this step; else nothing."""
     if os.environ.get(OOM_ENV) == f"step:{step}":
-        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by {OOM_ENV} at step {step}).")
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by {OOM_ENV} at step {step})."
+        )
 
 
 def gpu_budget(device: torch.device) -> tuple[int | None, str | None]:
@@ -69,7 +73,10 @@ class Change:
 
     def flags(self) -> str:
         """The change as command-line overrides."""
-        return " ".join(f"--{key} {str(value).lower() if isinstance(value, bool) else value}" for key, value in self.overrides.items())
+        return " ".join(
+            f"--{key} {str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in self.overrides.items()
+        )
 
 
 @dataclass
@@ -96,7 +103,9 @@ class OomAdvice:
         if self.note:
             out.append(f"note: {self.note}")
         if self.change is None:
-            out.append("fix: no single setting change lowers the prediction; use a GPU with more memory or a smaller model.")
+            out.append(
+                "fix: no single setting change lowers the prediction; use a GPU with more memory or a smaller model."
+            )
             return out
         c = self.change
         if self.budget is not None and self.total > self.budget:
@@ -107,18 +116,20 @@ class OomAdvice:
         if c.resumable:
             out.append(f"run: the same command with --resume {c.flags()}")
         else:
-            out.append(f"run: the same command with {c.flags()} and a new output_dir (a checkpoint's data order depends on it)")
+            out.append(
+                f"run: the same command with {c.flags()} and a new output_dir (a checkpoint's data order depends on it)"
+            )
         return out
 
 
-def memory_settings(config: TrainConfig) -> "RunSettings":
+def memory_settings(config: TrainConfig) -> RunSettings:
     """The memory model's run settings for a training config, on CUDA (`settings.settings_from_config`)."""
     from .settings import settings_from_config
 
     return settings_from_config(config, device="cuda")
 
 
-def _candidates(config: TrainConfig, s: "RunSettings") -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+def _candidates(config: TrainConfig, s: RunSettings) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(description, config overrides, memory-setting changes), least intrusive first."""
     from ..config.settings import default_of
 
@@ -129,7 +140,9 @@ def _candidates(config: TrainConfig, s: "RunSettings") -> list[tuple[str, dict[s
         out.append((f"chunked loss (train.loss_chunk_tokens {chunk})", {"train.loss_chunk_tokens": chunk},
                     {"chunked_loss": True, "loss_chunk_tokens": chunk}))  # fmt: skip
     if not t.gradient_checkpointing:
-        out.append(("gradient checkpointing on", {"train.gradient_checkpointing": True}, {"gradient_checkpointing": True}))
+        out.append(
+            ("gradient checkpointing on", {"train.gradient_checkpointing": True}, {"gradient_checkpointing": True})
+        )
     b, accum = t.micro_batch_size, t.grad_accum
     per_step = b * accum
     for smaller in range(b - 1, 0, -1):  # largest first: the least slowdown
@@ -141,22 +154,21 @@ def _candidates(config: TrainConfig, s: "RunSettings") -> list[tuple[str, dict[s
                 {"batch_size": smaller, "grad_accum": more},
             ))  # fmt: skip
     if t.gradient_checkpointing and not t.offload_activations:
-        out.append(("activation offload to CPU memory", {"train.offload_activations": True}, {"offload_activations": True}))
+        out.append(
+            ("activation offload to CPU memory", {"train.offload_activations": True}, {"offload_activations": True})
+        )
     return out
 
 
-def _longest_seq(inv, report, budget: int) -> int:
+def _longest_seq(inv: Inventory, report: MemoryReport, budget: int) -> int:
     """The longest sequence below the current one that fits at the current micro-batch (0 if none)."""
-    from .model import report_for, with_settings
+    from .advice import largest_fitting
+    from .report import report_for, with_settings
 
     def fits(seq: int) -> bool:
         return report_for(inv, with_settings(report, seq_len=seq)).total <= budget
 
-    lo, hi = 0, report.settings.seq_len  # invariant: lo fits (or is 0), hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return largest_fitting(fits, 1, report.settings.seq_len - 1)
 
 
 def _resume_keys() -> set[str]:
@@ -172,8 +184,10 @@ def _resumable(overrides: dict[str, Any], keys: set[str]) -> bool:
 def _describe(config: TrainConfig) -> str:
     q, t = config.quant, config.train
     quant = "8-bit" if q.bits == 8 else f"4-bit {q.quant_type}"
-    return (f"micro-batch {t.micro_batch_size} x {config.data.max_seq_len} tokens, grad_accum {t.grad_accum}, "
-            f"r={config.lora.r}, {quant}")
+    return (
+        f"micro-batch {t.micro_batch_size} x {config.data.max_seq_len} tokens, grad_accum {t.grad_accum}, "
+        f"r={config.lora.r}, {quant}"
+    )
 
 
 def advise_after_oom(config: TrainConfig, budget: int | None, budget_label: str | None = None) -> OomAdvice:
@@ -184,7 +198,8 @@ def advise_after_oom(config: TrainConfig, budget: int | None, budget_label: str 
     shorter sequence is not offered. When no single change reaches the target, the one with the lowest
     prediction is given, marked as not fitting. Without a budget, the target is 15% under the prediction.
     """
-    from .model import build_inventory, report_for, with_settings
+    from .inventory import build_inventory
+    from .report import report_for, with_settings
 
     settings = memory_settings(config)
     inv = build_inventory(config.model)
@@ -196,9 +211,11 @@ def advise_after_oom(config: TrainConfig, budget: int | None, budget_label: str 
     else:
         target = int(report.total * MARGIN_WHEN_FITTING)
         if budget is not None:
-            note = ("the prediction is under the budget, yet the GPU ran out: another process may hold GPU memory "
-                    f"(check nvidia-smi) or the estimate is low for this setup, so the fix aims {1 - MARGIN_WHEN_FITTING:.0%} "
-                    "under the prediction")
+            note = (
+                "the prediction is under the budget, yet the GPU ran out: another process may hold GPU memory "
+                f"(check nvidia-smi) or the estimate is low for this setup, so the fix aims {1 - MARGIN_WHEN_FITTING:.0%} "
+                "under the prediction"
+            )
     keys = _resume_keys()
     options: list[Change] = []
     for description, overrides, changes in _candidates(config, settings):
@@ -208,9 +225,13 @@ def advise_after_oom(config: TrainConfig, budget: int | None, budget_label: str 
     seq = _longest_seq(inv, report, target) if over else 0
     if seq > 0:
         total = report_for(inv, with_settings(report, seq_len=seq)).total
-        description = (f"data.max_seq_len {config.data.max_seq_len} -> {seq} (longer records are truncated"
-                       f"{', which needs data.truncation: true' if not config.data.truncation else ''})")
-        options.append(Change(description, {"data.max_seq_len": seq}, total, True, _resumable({"data.max_seq_len": seq}, keys)))
+        description = (
+            f"data.max_seq_len {config.data.max_seq_len} -> {seq} (longer records are truncated"
+            f"{', which needs data.truncation: true' if not config.data.truncation else ''})"
+        )
+        options.append(
+            Change(description, {"data.max_seq_len": seq}, total, True, _resumable({"data.max_seq_len": seq}, keys))
+        )
     fitting = [c for c in options if c.fits]
     lowering = [c for c in options if c.total < report.total]
     change = fitting[0] if fitting else min(lowering, key=lambda c: c.total, default=None)
@@ -230,7 +251,11 @@ def out_of_memory_error(config: TrainConfig, failure: str, device: torch.device,
     error), with the memory advice when it can be computed."""
     from ..errors import OutOfMemoryError
 
-    where = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been written yet"
+    where = (
+        f"the last complete checkpoint is {last_checkpoint}"
+        if last_checkpoint
+        else "no checkpoint had been written yet"
+    )
     advice = None
     try:
         budget, label = gpu_budget(device)

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from . import quant
 from ..config.settings import QuantConfig
 from ..errors import ModelLoadError
 from ..io.heap import malloc_trim
 from ..io.safetensors import SafetensorsFile, weight_files
+from . import quant
 from .targets import TargetSpec, resolve_targets
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -39,8 +39,10 @@ def parameters_on_meta() -> Iterator[None]:
         register(module, name, param)
         if param is not None and param.device.type != "meta":
             kwargs = module._parameters[name].__dict__
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs) if kwargs else nn.Parameter(
-                param.to("meta"), requires_grad=param.requires_grad
+            module._parameters[name] = (
+                type(param)(param.to("meta"), **kwargs)
+                if kwargs
+                else nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
             )
 
     nn.Module.register_parameter = register_on_meta
@@ -54,11 +56,15 @@ def check_model_dir(model_path: str | Path) -> Path:
     """The model directory as a Path, or a `ModelLoadError` saying what is missing."""
     model_dir = Path(model_path)
     if not model_dir.exists():
-        raise ModelLoadError(f"model directory {model_dir} does not exist; give the path of a Hugging Face model directory.")
+        raise ModelLoadError(
+            f"model directory {model_dir} does not exist; give the path of a Hugging Face model directory."
+        )
     if not model_dir.is_dir():
         raise ModelLoadError(f"{model_dir} is a file, not a model directory; give the folder that holds config.json.")
     if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir} has no config.json; point to a Hugging Face model directory (config.json + *.safetensors).")
+        raise ModelLoadError(
+            f"{model_dir} has no config.json; point to a Hugging Face model directory (config.json + *.safetensors)."
+        )
     return model_dir
 
 
@@ -90,7 +96,10 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         raise ModelLoadError(
             f"{model_dir / 'config.json'} is not a valid {model_type!r} config ({_first_sentence(exc)}); fix or re-download it."
         ) from None
-    except (OSError, ImportError) as exc:  # trust_remote_code on, but the code files auto_map names are missing or broken
+    except (
+        OSError,
+        ImportError,
+    ) as exc:  # trust_remote_code on, but the code files auto_map names are missing or broken
         raise ModelLoadError(
             f"the model code of {model_dir} cannot be loaded ({_first_sentence(exc)}); add the files config.json's auto_map "
             "names, or use a model that transformers supports without remote code."
@@ -114,7 +123,9 @@ def build_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        raise ModelLoadError(f"transformers cannot build a causal LM from this config ({str(exc).splitlines()[0][:160]}).") from None
+        raise ModelLoadError(
+            f"transformers cannot build a causal LM from this config ({str(exc).splitlines()[0][:160]})."
+        ) from None
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -176,7 +187,9 @@ def load_quantized(
     (LLM.int8) layers; everything else (embeddings, norms, lm_head) is bf16. The model is in eval mode
     with every parameter frozen; `tokenizer` is None when the directory has no tokenizer files.
     """
-    settings = QuantConfig(bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, int8_threshold=int8_threshold)
+    settings = QuantConfig(
+        bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, int8_threshold=int8_threshold
+    )
     quant.check_bits(bits)
     settings.validate()
     model_dir = check_model_dir(model_path)
@@ -222,7 +235,9 @@ def load_quantized(
                 bias = stashed_bias.pop(module_path, None)
                 if has_bias and bias is None:
                     bias = torch.empty(weight.shape[0], dtype=quant.COMPUTE_DTYPE, device="meta")
-                layer = quantized_layer(weight.to(device), bias.to(device) if bias is not None and bias.device.type != "meta" else bias)
+                layer = quantized_layer(
+                    weight.to(device), bias.to(device) if bias is not None and bias.device.type != "meta" else bias
+                )
                 parent_path, _, child = module_path.rpartition(".")
                 setattr(model.get_submodule(parent_path), child, layer)
                 replaced.add(module_path)
@@ -266,4 +281,6 @@ def load_tokenizer_from(model_dir: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"the tokenizer in {model_dir} cannot be loaded ({str(exc).splitlines()[0][:160]}); fix or remove its files.") from None
+        raise ModelLoadError(
+            f"the tokenizer in {model_dir} cannot be loaded ({str(exc).splitlines()[0][:160]}); fix or remove its files."
+        ) from None

@@ -163,4 +163,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def trainable_summary(model: nn.Module) -> str:
     """peft's one-line summary: trainable params || all params || trainable%."""
     trainable, total = count_parameters(model)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    return (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    )

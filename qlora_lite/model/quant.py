@@ -36,7 +36,7 @@ def check_bits(bits: int) -> None:
 
 def quantize_4bit(
     weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64
-) -> tuple[torch.Tensor, "bnbf.QuantState"]:
+) -> tuple[torch.Tensor, bnbf.QuantState]:
     """Pack a [out, in] weight to 4 bits on its device; returns (packed uint8 [n/2, 1], QuantState).
 
     The weight is quantized from bf16, as transformers does when loading with a bf16 compute dtype.
@@ -60,12 +60,12 @@ def quantize_8bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_linear4bit(
     packed: torch.Tensor,
-    state: "bnbf.QuantState",
+    state: bnbf.QuantState,
     bias: torch.Tensor | None,
     quant_type: str,
     double_quant: bool,
     blocksize: int = 64,
-) -> "bnb.nn.Linear4bit":
+) -> bnb.nn.Linear4bit:
     """A frozen bitsandbytes `Linear4bit` around an already packed weight (no re-quantization)."""
     out_features, in_features = state.shape
     module = bnb.nn.Linear4bit(
@@ -99,7 +99,7 @@ def make_linear4bit(
 
 def make_linear8bit(
     codes: torch.Tensor, row_scales: torch.Tensor, bias: torch.Tensor | None, threshold: float = 6.0
-) -> "bnb.nn.Linear8bitLt":
+) -> bnb.nn.Linear8bitLt:
     """A frozen bitsandbytes `Linear8bitLt` (LLM.int8) around already quantized codes and row scales."""
     out_features, in_features = codes.shape
     module = bnb.nn.Linear8bitLt(
@@ -116,7 +116,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def row_scales_8bit(module: "bnb.nn.Linear8bitLt") -> torch.Tensor:
+def row_scales_8bit(module: bnb.nn.Linear8bitLt) -> torch.Tensor:
     """The fp32 row scales of an 8-bit layer, wherever bitsandbytes keeps them at the moment."""
     scales = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
     if scales is None:
@@ -135,7 +135,7 @@ def dequantize_module(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"cannot dequantize {type(module).__name__}")
 
 
-def quant_state_tensors(state: "bnbf.QuantState") -> list[torch.Tensor]:
+def quant_state_tensors(state: bnbf.QuantState) -> list[torch.Tensor]:
     """Every tensor a 4-bit QuantState holds (absmax, code table, nested statistics)."""
     tensors = [state.absmax, state.code]
     if state.nested:

@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 from torch import nn
 
 from ..errors import ConfigError
 
-TargetSpec = Union[str, Iterable[str]]
+TargetSpec = str | Iterable[str]
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -60,7 +60,9 @@ def resolve_targets(model: nn.Module, target_modules: TargetSpec = "all-linear")
         prefix = f"{blocks}." if blocks else ""
         chosen = [n for n in layers if n.startswith(prefix)]
         if not chosen:
-            raise ConfigError("target_modules 'all-linear' found no linear layer inside the decoder blocks of this model.")
+            raise ConfigError(
+                "target_modules 'all-linear' found no linear layer inside the decoder blocks of this model."
+            )
         return chosen
     available = sorted({_display_name(n) for n in layers})
     if isinstance(target_modules, str):

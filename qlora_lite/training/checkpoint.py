@@ -18,7 +18,14 @@ import torch
 from ..config.settings import TrainConfig, resume_keys
 from ..errors import ConfigError, TrainingError
 from ..export.adapter import save_adapter
-from ..io.atomic import atomic_dir, atomic_file, file_sha256, remove_stale_temps, save_safetensors_atomic, write_json_atomic
+from ..io.atomic import (
+    atomic_dir,
+    atomic_file,
+    file_sha256,
+    remove_stale_temps,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from ..io.faults import fault_point
 from ..io.safetensors import SafetensorsFile
 from .optim import AdapterOptimizer
@@ -122,7 +129,9 @@ def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.de
     """Load optimizer (and with it the adapter weights) and RNG states from a checkpoint; return its trainer state."""
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise TrainingError(f"checkpoint {path} cannot be resumed from ({problem}); delete it and resume from an older one.")
+        raise TrainingError(
+            f"checkpoint {path} cannot be resumed from ({problem}); delete it and resume from an older one."
+        )
     state = json.loads((path / "trainer_state.json").read_text())
     saved = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(saved)
@@ -153,8 +162,10 @@ def find_resume_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
         half_written = re.match(r"^\.step-(\d+)\..+\.tmp$", path.name)
         match = CHECKPOINT_PATTERN.match(path.name)
         if path.is_dir() and half_written:
-            notices.append(f"skipped incomplete checkpoint step-{half_written.group(1)} (no {COMPLETE_MARKER} marker, "
-                           "its write was interrupted) and removed it")
+            notices.append(
+                f"skipped incomplete checkpoint step-{half_written.group(1)} (no {COMPLETE_MARKER} marker, "
+                "its write was interrupted) and removed it"
+            )
             shutil.rmtree(path, ignore_errors=True)
         elif path.is_dir() and match:
             steps.append((int(match.group(1)), path))
@@ -167,7 +178,9 @@ def find_resume_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
         if problem is None:
             chosen = path
             continue
-        notices.append(f"skipped {'corrupted' if marked else 'incomplete'} checkpoint step-{step} ({problem}) and removed it")
+        notices.append(
+            f"skipped {'corrupted' if marked else 'incomplete'} checkpoint step-{step} ({problem}) and removed it"
+        )
         shutil.rmtree(path, ignore_errors=True)
     for leftover in remove_stale_temps(output_dir / "adapter"):
         notices.append(f"removed {leftover.name}, left by an interrupted write of the final adapter")

@@ -31,8 +31,13 @@ from ..memory.oom import oom_fault_point, oom_message, out_of_memory_error
 from ..model.loader import default_device
 from ..model.lora import count_parameters
 from .checkpoint import (
-    check_resume_settings, find_resume_checkpoint, fingerprint, latest_checkpoint, prune_checkpoints,
-    restore_checkpoint, save_checkpoint,
+    check_resume_settings,
+    find_resume_checkpoint,
+    fingerprint,
+    latest_checkpoint,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
 )  # fmt: skip
 from .metrics import MetricsLog
 from .reporter import Reporter, TrainResult
@@ -176,7 +181,11 @@ class _Run:
                 max_grad_norm=s.max_grad_norm, lr=lr, before_update=lambda: oom_fault_point(step),
             )  # fmt: skip
         except NonFiniteStepError as exc:
-            where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint had been written yet"
+            where = (
+                f"the last good checkpoint is {self.last_good}"
+                if self.last_good
+                else "no checkpoint had been written yet"
+            )
             raise TrainingError(
                 f"step {step}: {exc}; {where} (lower train.lr, check the data, then run again with --resume)."
             ) from None
@@ -203,7 +212,9 @@ class _Run:
 
     def _evaluate(self, report: bool) -> None:
         s = self.s
-        loss, _ = evaluate(self.model, self.eval_ds, s.micro_batch_size, self.pad, self.device, s.bf16, s.loss_chunk_tokens)
+        loss, _ = evaluate(
+            self.model, self.eval_ds, s.micro_batch_size, self.pad, self.device, s.bf16, s.loss_chunk_tokens
+        )
         self.last_eval = {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
         if report:
             self.metrics.append(self.last_eval)

@@ -24,12 +24,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         needs_hidden_grad = hidden.requires_grad
         needs_weight_grad = weight.requires_grad
         grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight_grad else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and bias.requires_grad else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight_grad else None
+        )
+        grad_bias = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if bias is not None and bias.requires_grad
+            else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         n_chunks = -(-n_tokens // chunk_size)
         labelled = torch.nn.functional.pad(labels != IGNORE_INDEX, (0, n_chunks * chunk_size - n_tokens))
-        chunk_has_targets = labelled.view(n_chunks, chunk_size).any(dim=1).tolist()  # one device sync, not one per chunk
+        chunk_has_targets = (
+            labelled.view(n_chunks, chunk_size).any(dim=1).tolist()
+        )  # one device sync, not one per chunk
         for index, start in enumerate(range(0, n_tokens, chunk_size)):
             if not chunk_has_targets[index]:
                 continue
@@ -96,7 +104,9 @@ def chunked_cross_entropy(
     hidden = hidden.reshape(labels.shape[0], -1)
     if normalizer is None:
         normalizer = float(max(int((labels != IGNORE_INDEX).sum()), 1))
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_size), float(normalizer), float(softcap or 0.0))
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, bias, labels, int(chunk_size), float(normalizer), float(softcap or 0.0)
+    )
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -111,7 +121,10 @@ def _softcap(config) -> float | None:
 def supports_chunked_loss(model: nn.Module) -> bool:
     """True when the model's logits are exactly `lm_head(last hidden state)` (optionally soft-capped)."""
     config = model.config
-    if getattr(config, "logit_scale", None) not in (None, 1.0) or getattr(config, "logits_scaling", None) not in (None, 1.0):
+    if getattr(config, "logit_scale", None) not in (None, 1.0) or getattr(config, "logits_scaling", None) not in (
+        None,
+        1.0,
+    ):
         return False
     head = model.get_output_embeddings()
     return isinstance(head, nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
@@ -137,7 +150,9 @@ def causal_lm_loss(
         normalizer = float(max(int((targets != IGNORE_INDEX).sum()), 1))
     if chunk_size <= 0 or not supports_chunked_loss(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-        losses = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        losses = nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         return losses / normalizer
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()

@@ -10,7 +10,7 @@ of vanishing.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -111,7 +111,11 @@ class AdapterOptimizer:
 
     def state_dict(self) -> dict:
         """Inner optimizer state plus the fp32 masters (needed for an exact resume)."""
-        return {"name": self.name, "inner": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
+        return {
+            "name": self.name,
+            "inner": self.inner.state_dict(),
+            "masters": [m.detach().clone() for m in self.masters],
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:

@@ -23,8 +23,8 @@ class TrainResult:
     resumed_from: int | None
     tokens: int
     seconds: float
-    data: "DatasetStats"
-    eval_data: "DatasetStats | None"
+    data: DatasetStats
+    eval_data: DatasetStats | None
     trainable_params: int
     total_params: int
     history: list[dict] = field(default_factory=list)

@@ -35,7 +35,9 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
     model_config = loader.load_config(model_dir, config.trust_remote_code)  # before the tokenizer, which reads it too
     tokenizer = loader.load_tokenizer_from(model_dir, config.trust_remote_code)
     if tokenizer is None:
-        raise DataError(f"the model directory {model_dir} has no tokenizer files; copy the tokenizer next to config.json.")
+        raise DataError(
+            f"the model directory {model_dir} has no tokenizer files; copy the tokenizer next to config.json."
+        )
     context = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "max_position_embeddings", None)
     if context and config.data.max_seq_len > context:
         raise ConfigError(

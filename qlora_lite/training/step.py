@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -134,7 +135,7 @@ def train_step(
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    dataset: "TokenizedDataset",
+    dataset: TokenizedDataset,
     batch_size: int,
     pad_token_id: int,
     device: torch.device,

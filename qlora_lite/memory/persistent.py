@@ -1,0 +1,59 @@
+"""Exact bytes of what stays on the GPU for the whole run: quantized and bf16 weights, LoRA adapters and the
+optimizer's state, following bitsandbytes' storage layout (tests check them byte for byte against real tensors)."""
+
+from __future__ import annotations
+
+import math
+
+from ..model.quant import weight_bytes_4bit, weight_bytes_8bit
+from .constants import BF16, FP32
+from .inventory import Inventory, LinearInfo
+from .settings import RunSettings
+
+BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes Optimizer2State(min_8bit_size=4096): smaller tensors keep fp32 state
+BNB_STATE_BLOCK = 256  # bitsandbytes 8-bit optimizers quantize state1/state2 blockwise, 256 values per fp32 absmax
+BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer pages only tensors with numel >= 1e5
+
+
+def quantized_weight_bytes(targets: list[LinearInfo], s: RunSettings) -> int:
+    """Stored bytes of the targeted weights: packed 4-bit codes + absmax (+ nested stats) or int8 + row scales."""
+    if s.bits == 4:  # quant.weight_bytes_4bit: bitsandbytes' QuantState layout, tested equal to real tensors
+        return sum(weight_bytes_4bit(t.out_features, t.in_features, s.double_quant, s.blocksize) for t in targets)
+    return sum(weight_bytes_8bit(t.out_features, t.in_features) for t in targets)  # LLM.int8: codes + fp32 scales
+
+
+def unquantized_weight_bytes(inv: Inventory, targets: list[LinearInfo]) -> int:
+    """bf16 bytes of every parameter that is not a targeted weight (embeddings, lm_head, norms, all biases)."""
+    quantized = {f"{t.path}.weight" for t in targets}
+    return BF16 * sum(n for name, n in inv.param_numel.items() if name not in quantized)  # loader keeps the rest bf16
+
+
+def adapter_numels(targets: list[LinearInfo], rank: int) -> list[int]:
+    """Element counts of every adapter tensor: A [r, in] and B [out, r] per targeted layer."""
+    out = []
+    for t in targets:
+        out += [rank * t.in_features, t.out_features * rank]
+    return out
+
+
+def optimizer_state_bytes(numels: list[int], optimizer: str) -> tuple[int, int]:
+    """(bytes, of which paged) of `AdapterOptimizer`: fp32 masters + the inner optimizer's state tensors."""
+    masters = FP32 * sum(numels)  # fp32 master copy of each bf16 adapter tensor
+    if optimizer == "adamw":
+        return masters + sum(
+            2 * FP32 * n + FP32 for n in numels
+        ), 0  # torch AdamW: exp_avg, exp_avg_sq fp32 + fp32 step
+    total, paged, any_8bit = masters, 0, False
+    for n in numels:
+        if n < BNB_8BIT_MIN_SIZE:
+            state = 2 * FP32 * n  # bitsandbytes keeps fp32 state1/state2 below min_8bit_size
+        else:
+            any_8bit = True
+            state = 2 * n  # uint8 state1 + state2
+            total += 2 * FP32 * math.ceil(n / BNB_STATE_BLOCK)  # fp32 absmax1/absmax2, one per 256-value block
+        if optimizer == "paged_adamw_8bit" and n >= BNB_PAGED_MIN_NUMEL:
+            paged += state  # state1/state2 in CUDA unified memory (cudaMallocManaged), outside torch's allocator
+        total += state
+    if any_8bit:
+        total += 2 * 256 * FP32  # the shared 256-entry fp32 qmaps "dynamic" and "udynamic"
+    return total, paged
