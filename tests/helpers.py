@@ -23,3 +23,27 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def hf_cache_entry(
+    hf_home: Path, repo_id: str, source: Path, repo_type: str = "model", revision: str = "0" * 40
+) -> Path:
+    """Lay out `source`'s files in a Hugging Face cache under `hf_home` as the hub client does
+    (`hub/models--Org--Name/{blobs,snapshots/<rev>,refs/main}`, snapshot files linking to blobs); return the snapshot."""
+    import hashlib
+    import shutil
+
+    repo = hf_home / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

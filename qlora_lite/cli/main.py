@@ -18,7 +18,6 @@ from .common import console as _console
 
 def _quiet_libraries() -> None:
     """Keep third-party chatter (load bars, bitsandbytes notices) out of our output."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -35,7 +34,7 @@ def _quiet_libraries() -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-COMMANDS = ("train", "export", "memory", "demo")
+COMMANDS = ("train", "export", "memory", "chat", "generate", "demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,9 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
-    from . import demo, export, memory, train
+    from . import chat, demo, export, generate, memory, train
 
-    for add in (train.add_parser, export.add_parser, memory.add_parser, demo.add_parser):
+    for add in (
+        train.add_parser,
+        export.add_parser,
+        memory.add_parser,
+        chat.add_parser,
+        generate.add_parser,
+        demo.add_parser,
+    ):
         add(sub)
     return parser
 
