@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         memory_check(config, console, args.force)
-        reporter = RichReporter(console, title="QLoRA")
+        reporter = RichReporter(console, title="QLoRA", log_every=config.train.log_every)
         try:
             result = qlora_lite.train(config, resume=args.resume, reporter=reporter)
         finally:

@@ -1,8 +1,10 @@
 """Rich rendering of training progress for the command line (`train`, `demo`).
 
 Part of the CLI layer: `train.train()` only calls a `Reporter`; `RichReporter` turns those calls into a
-progress bar (step, loss, learning rate, tokens/s, memory on CUDA), one line per eval and checkpoint,
-and `summary_table` into the end-of-run table.
+progress bar (step, loss, learning rate, tokens/s, memory on CUDA) on a terminal or in a notebook, or, when
+the output is a file or a pipe (a batch job's log), into one plain line every `log_every` steps with the
+window's mean loss and tokens/s; plus one line per eval and checkpoint, and `summary_table` into the
+end-of-run table.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ def _human(n: float) -> str:
 class RichReporter(Reporter):
     """A rich progress bar and event lines on `console`."""
 
-    def __init__(self, console, title: str = "training"):
+    def __init__(self, console, title: str = "training", log_every: int = 10):
         self.console = console
         self.title = title
         self.progress = None
         self.task = None
+        self.log_every = max(1, log_every)
+        self.live = console.is_terminal or console.is_jupyter  # a redrawn bar; plain lines otherwise
+        self.max_steps = 0
+        self.window: list[dict] = []
 
     def on_start(self, info: dict) -> None:
         from rich.markup import escape
@@ -48,6 +54,9 @@ class RichReporter(Reporter):
         if info["resumed_from"] is not None:
             line += f"\nresuming from step {info['resumed_from']}"
         self.console.print(line, soft_wrap=True)
+        self.max_steps = info["max_steps"]
+        if not self.live:
+            return
         self.progress = Progress(
             TextColumn("[bold blue]{task.description}"),
             BarColumn(),
@@ -68,6 +77,9 @@ class RichReporter(Reporter):
 
     def on_step(self, record: dict) -> None:
         mem = f"{record['mem_gib']:.2f} GiB" if "mem_gib" in record else ""
+        if not self.live:
+            self._plain_line(record, mem)
+            return
         self.progress.update(
             self.task,
             completed=record["step"],
@@ -77,13 +89,30 @@ class RichReporter(Reporter):
             mem=mem,
         )
 
+    def _plain_line(self, record: dict, mem: str) -> None:
+        """One log line per `log_every` steps (and the last): means over the steps since the previous line."""
+        self.window.append(record)
+        step = record["step"]
+        if step % self.log_every and step != self.max_steps:
+            return
+        n = len(self.window)
+        loss = sum(r["loss"] for r in self.window) / n
+        speed = sum(r["tokens_per_s"] for r in self.window) / n
+        self.window = []
+        self.console.print(
+            f"step {step}/{self.max_steps} loss {loss:.4f} lr {record['lr']:.2e} {_human(speed)} tok/s"
+            + (f" mem {mem}" if mem else ""),
+            soft_wrap=True,
+            highlight=False,
+        )
+
     def on_eval(self, record: dict) -> None:
-        self.progress.console.print(
+        self.console.print(
             f"step {record['step']}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}"
         )
 
     def on_checkpoint(self, step: int, path) -> None:
-        self.progress.console.print(f"[dim]step {step}: checkpoint {path}[/]")
+        self.console.print(f"[dim]step {step}: checkpoint {path}[/]", soft_wrap=True)
 
     def on_end(self, result: TrainResult) -> None:
         self.close()

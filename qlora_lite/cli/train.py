@@ -1,4 +1,5 @@
-"""`qlora-lite train CONFIG.yaml [--section.key value ...] [--resume]`: fine-tune with a progress display."""
+"""`qlora-lite train CONFIG.yaml [--section.key value ...] [--resume [--allow-data-change]]`: fine-tune with a
+progress display."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("config", help="YAML training config")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: continue even though data.train / data.eval changed since the checkpoint",
+    )
     p.set_defaults(handler=run, accepts_overrides=True)
 
 
@@ -33,9 +39,9 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     config = load_config(args.config, overrides)
     out = console()
-    reporter = RichReporter(out, title="train")
+    reporter = RichReporter(out, title="train", log_every=config.train.log_every)
     try:
-        result = train(config, resume=args.resume, reporter=reporter)
+        result = train(config, resume=args.resume, reporter=reporter, allow_data_change=args.allow_data_change)
     finally:
         reporter.close()
     out.print(summary_table(result))
