@@ -48,7 +48,7 @@ LAYERS = [
     {"config", "io"},
     {"model", "data"},
     {"export", "memory", "training"},
-    {"demo"},
+    {"demo", "generate"},
     {"cli"},
 ]
 # Deliberate edges within the third layer (the graph between subpackages stays acyclic; see ARCHITECTURE.md):

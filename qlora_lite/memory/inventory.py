@@ -7,7 +7,6 @@ and no weights are read; `build_inventory` caches the last few per config.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,27 +25,32 @@ def preset_names() -> list[str]:
 
 def _config_from_dict(data: dict, where: str) -> Any:
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from ..model.checks import CONFIG_ERRORS, CONFIG_FIX, check_config_fields, config_problem
+
+    check_config_fields(data, where)
     data = dict(data)
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ConfigError(f"{where} has no model_type; give a Hugging Face config.json (it names the architecture).")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"{where} declares model_type {model_type!r}, which transformers does not know; "
+            "upgrade transformers (pip install -U transformers) or use a supported model."
+        )
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError) as exc:
+    except CONFIG_ERRORS as exc:  # transformers 5 raises huggingface_hub's StrictDataclass*Error, 4.x ValueError
         raise ModelLoadError(
-            f"{where} declares model_type {model_type!r}, which transformers cannot build ({str(exc).splitlines()[0][:120]})."
+            f"{where} is not a valid {model_type!r} config ({config_problem(exc)}); {CONFIG_FIX}."
         ) from None
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} cannot be read as JSON ({exc}); give a valid config.json.") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object; give a Hugging Face config.json.")
-    return data
+    from ..io.json_files import read_json_object
+
+    return read_json_object(path, "a Hugging Face config.json", ModelLoadError, "give a valid config.json")
 
 
 def resolve_config(config_or_path: Any) -> tuple[Any, str]:
@@ -251,7 +255,7 @@ def _build_inventory(config: Any, name: str) -> Inventory:
     from ..model.lora import linear_dims
     from ..model.targets import decoder_blocks_path, linear_layers
 
-    skeleton = build_skeleton(config)
+    skeleton = build_skeleton(config, where=name)
     blocks = decoder_blocks_path(skeleton)
     linears = {}
     for path, module in linear_layers(skeleton).items():

@@ -8,7 +8,6 @@ mmap), and a targeted weight is quantized and dropped before the next tensor is 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +15,21 @@ import torch
 from torch import nn
 
 from ..config.settings import QuantConfig
-from ..errors import ModelLoadError
+from ..errors import DataError, ModelLoadError
 from ..io.heap import malloc_trim
+from ..io.json_files import read_json_object
 from ..io.safetensors import SafetensorsFile, weight_files
 from . import quant
+from .checks import (
+    BUILD_ERRORS,
+    CONFIG_ERRORS,
+    CONFIG_FIX,
+    check_checkpoint,
+    check_config_fields,
+    check_tokenizer_files,
+    config_problem,
+)
+from .checks import checkpoint_key_map as checkpoint_key_map  # re-exported: export/ maps keys with it too
 from .targets import TargetSpec, resolve_targets
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -53,8 +63,11 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def check_model_dir(model_path: str | Path) -> Path:
-    """The model directory as a Path, or a `ModelLoadError` saying what is missing."""
-    model_dir = Path(model_path)
+    """The model directory as a Path (a hub id resolves through the HF cache), or a `ModelLoadError` saying
+    what is missing."""
+    from ..io.hub import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_path)
     if not model_dir.exists():
         raise ModelLoadError(
             f"model directory {model_dir} does not exist; give the path of a Hugging Face model directory."
@@ -69,13 +82,13 @@ def check_model_dir(model_path: str | Path) -> Path:
 
 
 def load_config(model_dir: Path, trust_remote_code: bool = False):
-    """transformers' config for the model dir, with architecture problems turned into one clear sentence."""
+    """transformers' config for the model dir; a malformed config.json, or one transformers rejects, becomes
+    one sentence naming the file and the problem."""
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads((model_dir / "config.json").read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"{model_dir / 'config.json'} is not valid JSON ({exc}); fix or re-download it.") from None
+    path = model_dir / "config.json"
+    raw = read_json_object(path, "a model config", fix=CONFIG_FIX)
+    check_config_fields(raw, path)
     if raw.get("auto_map") and not trust_remote_code:
         raise ModelLoadError(
             f"{model_dir} needs its own model code (config.json has auto_map), which runs only with "
@@ -83,19 +96,6 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         )
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as exc:
-        import transformers
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        model_type = raw.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise ModelLoadError(
-                f"{model_dir / 'config.json'} declares model_type {model_type!r}, which transformers "
-                f"{transformers.__version__} does not know; upgrade transformers (pip install -U transformers) or use a supported model."
-            ) from None
-        raise ModelLoadError(
-            f"{model_dir / 'config.json'} is not a valid {model_type!r} config ({_first_sentence(exc)}); fix or re-download it."
-        ) from None
     except (
         OSError,
         ImportError,
@@ -103,6 +103,19 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         raise ModelLoadError(
             f"the model code of {model_dir} cannot be loaded ({_first_sentence(exc)}); add the files config.json's auto_map "
             "names, or use a model that transformers supports without remote code."
+        ) from None
+    except CONFIG_ERRORS as exc:  # transformers 5 raises huggingface_hub's StrictDataclass*Error, 4.x ValueError
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = raw.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ModelLoadError(
+                f"{path} declares model_type {model_type!r}, which transformers "
+                f"{transformers.__version__} does not know; upgrade transformers (pip install -U transformers) or use a supported model."
+            ) from None
+        raise ModelLoadError(
+            f"{path} is not a valid {model_type!r} config ({config_problem(exc)}); {CONFIG_FIX}."
         ) from None
 
 
@@ -113,7 +126,7 @@ def _first_sentence(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def build_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
+def build_skeleton(config, trust_remote_code: bool = False, where: str = "this config") -> nn.Module:
     """The causal LM with all parameters on the meta device (no weight memory) and real buffers."""
     from transformers import AutoModelForCausalLM
 
@@ -122,28 +135,13 @@ def build_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     try:
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+    except BUILD_ERRORS as exc:  # sizes transformers' config validation let through (negative, inconsistent)
         raise ModelLoadError(
-            f"transformers cannot build a causal LM from this config ({str(exc).splitlines()[0][:160]})."
+            f"transformers cannot build a causal LM from {where} ({config_problem(exc, 160)}); fix the config."
         ) from None
     finally:
         torch.set_default_dtype(previous)
     return model
-
-
-def checkpoint_key_map(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
-    """Map checkpoint tensor names to model names (handles a missing or extra base-model prefix)."""
-    own = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
-    prefix = getattr(model, "base_model_prefix", "")
-    mapping = {}
-    for key in checkpoint_keys:
-        if key in own:
-            mapping[key] = key
-        elif prefix and f"{prefix}.{key}" in own:
-            mapping[key] = f"{prefix}.{key}"
-        elif prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in own:
-            mapping[key] = key[len(prefix) + 1 :]
-    return mapping
 
 
 def _set_tensor(model: nn.Module, path: str, tensor: torch.Tensor) -> None:
@@ -187,6 +185,12 @@ def load_quantized(
     (LLM.int8) layers; everything else (embeddings, norms, lm_head) is bf16. The model is in eval mode
     with every parameter frozen; `tokenizer` is None when the directory has no tokenizer files.
     """
+    from .arguments import check_load_arguments  # wrong types refused before torch or bitsandbytes see them
+
+    check_load_arguments(
+        model_path, bits, quant_type, double_quant, device, target_modules, blocksize, int8_threshold,
+        trust_remote_code, load_tokenizer,
+    )  # fmt: skip
     settings = QuantConfig(
         bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, int8_threshold=int8_threshold
     )
@@ -197,7 +201,8 @@ def load_quantized(
     config = load_config(model_dir, trust_remote_code)
     device = torch.device(device) if device is not None else default_device()
 
-    model = build_skeleton(config, trust_remote_code)
+    model = build_skeleton(config, trust_remote_code, f"{model_dir / 'config.json'}")
+    key_maps = check_checkpoint(model, shards, model_dir)  # headers only, before any weight is read
     targets = set(resolve_targets(model, target_modules))
     tied = _tied_groups(model)
     release_freed = malloc_trim()
@@ -211,12 +216,11 @@ def load_quantized(
         codes, scales = quant.quantize_8bit(weight)
         return quant.make_linear8bit(codes, scales, bias, int8_threshold)
 
-    for shard in shards:
-        key_map = checkpoint_key_map(model, shard.keys())
+    for shard, key_map in zip(shards, key_maps):
         for key in shard.keys():
             name = key_map.get(key)
             if name is None:
-                continue  # e.g. legacy attention-mask buffers that the current architecture computes itself
+                continue  # legacy tensors transformers also ignores (attention masks, per-layer rotary tables)
             module_path, _, attr = name.rpartition(".")
             floating = shard.dtype(key).is_floating_point
             tensor = shard.read(key, quant.COMPUTE_DTYPE if floating else None)
@@ -273,14 +277,15 @@ def load_quantized(
 
 
 def load_tokenizer_from(model_dir: Path, trust_remote_code: bool = False):
-    """The directory's tokenizer, or None when it ships none."""
+    """The directory's tokenizer, or None when it ships none; malformed tokenizer files raise a `DataError`."""
     if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(model_dir)
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"the tokenizer in {model_dir} cannot be loaded ({str(exc).splitlines()[0][:160]}); fix or remove its files."
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a tokenizer.json it cannot parse
+        raise DataError(
+            f"the tokenizer in {model_dir} cannot be loaded ({_first_sentence(exc, 160)}); fix or re-download its files."
         ) from None

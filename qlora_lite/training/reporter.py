@@ -41,6 +41,10 @@ class Reporter:
     def on_step(self, record: dict) -> None:
         """After every optimizer step: step, loss, lr, grad_norm, tokens_per_s, epoch (and mem_gib on CUDA)."""
 
+    def on_log(self, record: dict) -> None:
+        """Every `train.log_every` steps (and the last), with the line metrics.jsonl gets: step, the window's mean
+        loss, lr, grad_norm, tokens, epoch, tokens_per_s (the window's mean)."""
+
     def on_eval(self, record: dict) -> None:
         """After an eval pass: step, eval_loss, eval_ppl."""
 
@@ -49,3 +53,34 @@ class Reporter:
 
     def on_end(self, result: TrainResult) -> None:
         """After the final adapter is written."""
+
+
+class Reporters(Reporter):
+    """Several reporters as one: each event goes to each, in order."""
+
+    def __init__(self, *reporters: Reporter):
+        self.reporters = [r for r in reporters if r is not None]
+
+    def on_start(self, info: dict) -> None:
+        for r in self.reporters:
+            r.on_start(info)
+
+    def on_step(self, record: dict) -> None:
+        for r in self.reporters:
+            r.on_step(record)
+
+    def on_log(self, record: dict) -> None:
+        for r in self.reporters:
+            r.on_log(record)
+
+    def on_eval(self, record: dict) -> None:
+        for r in self.reporters:
+            r.on_eval(record)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        for r in self.reporters:
+            r.on_checkpoint(step, path)
+
+    def on_end(self, result: TrainResult) -> None:
+        for r in self.reporters:
+            r.on_end(result)
