@@ -70,3 +70,28 @@ def test_offline_mode_is_the_users_choice(monkeypatch):
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
+
+
+def test_memory_maps_a_hub_id_to_its_preset_without_the_cache(hf_home):
+    from qlora_lite.memory.inventory import preset_for_hub_id
+    from qlora_lite.memory.report import estimate_memory
+
+    assert preset_for_hub_id("Qwen/Qwen2.5-1.5B-Instruct") == "qwen2.5-1.5b"
+    assert preset_for_hub_id("meta-llama/Llama-3.1-8B") == "llama-3.1-8b"
+    assert preset_for_hub_id("google/gemma-2-2b-it") == "gemma-2-2b"
+    assert preset_for_hub_id("Org/Unknown-7B") is None
+    assert estimate_memory("Qwen/Qwen2.5-1.5B-Instruct").total == estimate_memory("qwen2.5-1.5b").total
+
+
+def test_memory_reads_an_unknown_hub_model_from_the_cache(tiny_model_dir, hf_home, capsys):
+    from qlora_lite.cli.main import main
+
+    hf_cache_entry(hf_home, "Org/Tiny", tiny_model_dir("llama"))
+    assert main(["memory", "Org/Tiny", "--json"]) == 0
+    by_id = capsys.readouterr().out
+    assert main(["memory", str(tiny_model_dir("llama")), "--json"]) == 0
+    import json
+
+    assert json.loads(by_id)["total"] == json.loads(capsys.readouterr().out)["total"]
+    assert main(["memory", "Org/Missing"]) == 2
+    assert "hf download Org/Missing" in capsys.readouterr().err

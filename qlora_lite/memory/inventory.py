@@ -53,8 +53,26 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, "a Hugging Face config.json", ModelLoadError, "give a valid config.json")
 
 
+# Hub ids whose names do not reduce to a preset's name (see preset_for_hub_id)
+HUB_ID_PRESETS = {"mistralai/mistral-7b-v0.3": "mistral-7b", "mistralai/mistral-7b-instruct-v0.3": "mistral-7b",
+                  "microsoft/phi-3-mini-4k-instruct": "phi-3-mini"}  # fmt: skip
+
+
+def preset_for_hub_id(repo_id: str) -> str | None:
+    """The shipped preset with the architecture of a hub model, if any: `Qwen/Qwen2.5-1.5B-Instruct` ->
+    `qwen2.5-1.5b`, `meta-llama/Llama-3.1-8B` -> `llama-3.1-8b` (instruct / chat / -it variants share it)."""
+    key = repo_id.strip().lower()
+    if key in HUB_ID_PRESETS:
+        return HUB_ID_PRESETS[key]
+    name = key.split("/", 1)[-1]
+    for suffix in ("-instruct", "-chat", "-it"):
+        name = name.removesuffix(suffix)
+    return name if (PRESET_DIR / f"{name}.json").is_file() else None
+
+
 def resolve_config(config_or_path: Any) -> tuple[Any, str]:
-    """(transformers config, display name) from a model dir, a config.json path, a config, a dict or a preset name."""
+    """(transformers config, display name) from a model dir, a config.json path, a config, a dict, a preset name,
+    or a hub id (its preset when there is one, else its config.json through the HF cache)."""
     from transformers import PretrainedConfig
 
     if isinstance(config_or_path, PretrainedConfig):
@@ -80,6 +98,16 @@ def resolve_config(config_or_path: Any) -> tuple[Any, str]:
     name = str(config_or_path).strip().lower()
     if (PRESET_DIR / f"{name}.json").is_file():
         return _config_from_dict(_read_json(PRESET_DIR / f"{name}.json"), f"preset {name}"), name
+    from ..io.hub import looks_like_hub_id, resolve_model_dir
+
+    if looks_like_hub_id(str(config_or_path)):
+        preset = preset_for_hub_id(str(config_or_path))
+        if preset is not None:
+            return resolve_config(preset)
+        from ..model.loader import load_config
+
+        folder = resolve_model_dir(str(config_or_path))  # config.json from the HF cache (or the hub)
+        return load_config(folder), str(config_or_path)
     raise ConfigError(
         f"{config_or_path!r} is neither a model directory, a config.json file nor a known preset; "
         f"known presets: {', '.join(preset_names())}."
