@@ -8,7 +8,7 @@ against (peft ignores unknown keys); the merged export re-creates that quantizat
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 
@@ -18,14 +18,13 @@ from torch import nn
 from ..config.settings import QuantConfig
 from ..errors import AdapterError, ConfigError
 from ..io.atomic import save_safetensors_atomic, write_json_atomic
-from ..io.safetensors import SafetensorsFile
 from ..model import quant
 from ..model.lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
+from .adapter_config import QLORA_KEY, check_quant_record, read_adapter_config_file
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-QLORA_KEY = "qlora_lite"
 
 
 def _peft_target_modules(model: nn.Module) -> list[str] | str:
@@ -50,8 +49,16 @@ def _quant_record(model: nn.Module) -> dict | None:
     }
 
 
+def _check_model(model: object, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise AdapterError(
+            f"{what} needs the torch model from load_quantized (an nn.Module), not {type(model).__name__}; pass the model itself."
+        )
+
+
 def adapter_config_dict(model: nn.Module) -> dict:
     """The `adapter_config.json` content peft expects for this model's LoRA settings, plus our quant record."""
+    _check_model(model, "save_adapter")
     settings = getattr(model, "qlora_lora", None)
     if settings is None:
         raise AdapterError("this model has no LoRA adapters; call apply_lora(model, ...) first.")
@@ -84,9 +91,15 @@ def adapter_config_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write the model's LoRA adapter in PEFT's format to `out_dir` (each file written atomically)."""
-    out_dir = Path(out_dir)
+    """Write the model's LoRA adapter in PEFT's format to `out_dir` (each file written atomically).
+
+    Raises `AdapterError` for a model without LoRA or an `out_dir` that is a file; a failed write (full disk,
+    permissions) raises the `OSError`, leaving any previous adapter files whole.
+    """
     config = adapter_config_dict(model)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AdapterError(f"adapter output path {out_dir} is a file; choose a directory path for the adapter.")
     tensors = {PEFT_PREFIX + k: v.detach() for k, v in adapter_state_dict(model).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -95,8 +108,17 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """The parsed `adapter_config.json` of an adapter dir, checked to be a plain LoRA adapter."""
+    """The parsed `adapter_config.json` of an adapter dir, checked to be a plain LoRA adapter whose every key
+    has the right type (`AdapterError` naming the file and key otherwise)."""
+    if not isinstance(adapter_dir, (str, os.PathLike)):
+        raise AdapterError(
+            f"the adapter directory must be a path (str or Path), not {type(adapter_dir).__name__}; pass the adapter/ folder."
+        )
     adapter_dir = Path(adapter_dir)
+    if adapter_dir.exists() and not adapter_dir.is_dir():
+        raise AdapterError(
+            f"adapter path {adapter_dir} is a file; give the adapter/ folder of a run (or a peft adapter dir)."
+        )
     if not adapter_dir.is_dir():
         raise AdapterError(
             f"adapter directory {adapter_dir} does not exist; give the adapter/ folder of a run (or a peft adapter dir)."
@@ -106,15 +128,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise AdapterError(
             f"{adapter_dir} has no {ADAPTER_CONFIG}; point to a directory written by save_adapter or peft."
         )
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc}); re-save the adapter.") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path} describes a {config.get('peft_type')} adapter; only LoRA adapters are supported.")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise AdapterError(f"{path} lacks {key!r}; re-save the adapter with peft or qlora-lite.")
+    config = read_adapter_config_file(path)
     if config.get("use_dora"):
         raise AdapterError(f"{path} is a DoRA adapter, which qlora-lite does not support.")
     if config.get("modules_to_save"):
@@ -125,6 +139,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise AdapterError(
             f"{path} trains biases (bias={config['bias']!r}), which qlora-lite does not support; re-train with bias 'none'."
         )
+    adapter_quant_settings(config, path)  # the record's values, e.g. bits 5
     return config
 
 
@@ -134,17 +149,83 @@ def _module_key(adapter_key: str) -> str:
     return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
-def _adapter_file(adapter_dir: str | Path) -> SafetensorsFile:
+class AdapterWeights:
+    """`adapter_model.safetensors` read whole through one open handle, so every tensor comes from one version of
+    the file even if it is replaced while we work (LoRA tensors are small next to the base model).
+
+    Offers the reads the export plan needs: `keys()`, `shape(key)`, `read(key, dtype)`, `path`.
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        self.path = path
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            self.tensors: dict[str, torch.Tensor] = load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise AdapterError(
+                f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:160]}); re-save the adapter."
+            ) from None
+
+    def keys(self) -> list[str]:
+        """Tensor names in sorted order (the order of the file's header), so every message is reproducible."""
+        return sorted(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor (shared, not copied: do not modify it), converted to `dtype` when given."""
+        tensor = self.tensors[key]
+        return tensor if dtype is None else tensor.to(dtype)
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, AdapterWeights]:
+    """An adapter's checked config and its weights, read as one consistent pair.
+
+    The weights are read whole from one open file. The config is read again after them: when the adapter dir
+    was rewritten in between and the config changed, the pair would not belong together, so it is refused.
+    """
+    config = read_adapter_config(adapter_dir)
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{Path(adapter_dir)} has no {ADAPTER_WEIGHTS}; only safetensors adapters are loaded.")
-    return SafetensorsFile(path)
+    weights = AdapterWeights(path)
+    try:
+        unchanged = read_adapter_config(adapter_dir) == config
+    except AdapterError:
+        unchanged = False
+    if not unchanged:
+        raise AdapterError(
+            f"the adapter in {adapter_dir} changed while it was being read; read it again once it is written."
+        )
+    check_adapter_ranks(config, {key: weights.shape(key) for key in weights.keys()}, Path(adapter_dir) / ADAPTER_CONFIG)
+    return config, weights
+
+
+def check_adapter_ranks(config: dict, shapes: dict[str, tuple[int, ...]], where: str | Path) -> None:
+    """Refuse LoRA tensors whose rank is not the `r` (or `rank_pattern` entry) of the adapter's config."""
+    for key, shape in sorted(shapes.items()):
+        name = _module_key(key)
+        for suffix, dim in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if name.endswith(suffix) and len(shape) == 2:
+                module = name[: -len(suffix)]
+                r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+                if shape[dim] != r:
+                    says = f"r is {r}" if r == config["r"] else f"rank_pattern gives {module} rank {r}"
+                    raise AdapterError(
+                        f"adapter tensor {key!r} has rank {shape[dim]} (shape {list(shape)}) but {where} says {says}; "
+                        "the weights and the config belong to different adapters, re-save the adapter."
+                    )
 
 
 def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """Adapter tensors keyed by module path (`<path>.lora_A.weight`), peft's prefix removed."""
-    st = _adapter_file(adapter_dir)
-    return {_module_key(key): st.read(key) for key in st.keys()}
+    _, weights = read_adapter(adapter_dir)
+    return {_module_key(key): weights.read(key) for key in weights.keys()}
 
 
 def _stored_adapter_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -157,9 +238,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Load a PEFT-format LoRA adapter into `model`, applying LoRA first if the model has none.
 
     LoRA applied here keeps the file's precision: bf16 adapters stay bf16, fp32 (peft's default) stay fp32.
+    Returns the model in eval mode, as peft's `PeftModel.from_pretrained` does, so the adapter's dropout is off;
+    call `model.train()` to train it further. Raises `AdapterError` for a non-model, a missing or malformed
+    adapter, or one whose tensors do not fit the config or the model.
     """
-    config = read_adapter_config(adapter_dir)
-    tensors = read_adapter_tensors(adapter_dir)
+    _check_model(model, "load_adapter")
+    config, weights = read_adapter(adapter_dir)
+    tensors = {_module_key(key): weights.read(key) for key in weights.keys()}
     if getattr(model, "qlora_lora", None) is None:
         if config.get("rank_pattern"):
             raise AdapterError(
@@ -169,11 +254,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         targets = config["target_modules"]
         apply_lora(
             model,
-            r=int(config["r"]),
+            r=config["r"],
             alpha=float(config["lora_alpha"]),
             dropout=float(config.get("lora_dropout") or 0.0),
             target_modules=targets if isinstance(targets, str) else list(targets),
-            rslora=bool(config.get("use_rslora", False)),
+            rslora=bool(config.get("use_rslora")),
             adapter_dtype=_stored_adapter_dtype(tensors),
         )
     own = adapter_state_dict(model)
@@ -198,7 +283,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     with torch.no_grad():
         for name, tensor in tensors.items():
             own[name].copy_(tensor.to(own[name].dtype))
-    return model
+    return model.eval()
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -215,25 +300,32 @@ def _apply_patterns(model: nn.Module, config: dict) -> None:
         return
     for name, layer in lora_layers(model).items():
         alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
-        layer.scaling = lora_scaling(layer.r, alpha, bool(config.get("use_rslora", False)))
+        layer.scaling = lora_scaling(layer.r, alpha, bool(config.get("use_rslora")))
 
 
-def adapter_quant_settings(config: dict) -> tuple[QuantConfig, bool]:
+def _as_record_key(exc: ConfigError) -> str:
+    """A `quant.*` settings message restated with the record's key names (`qlora_lite.bits`)."""
+    return re.sub(r"\bquant\.", f"{QLORA_KEY}.", str(exc)).rstrip(".")
+
+
+def adapter_quant_settings(config: dict, where: str | Path = ADAPTER_CONFIG) -> tuple[QuantConfig, bool]:
     """The quantization an adapter was trained against, and whether the adapter recorded it.
 
     Adapters saved by peft carry no record; they get the QLoRA defaults (4-bit NF4, double quant,
-    block size 64), which are also `load_quantized`'s defaults.
+    block size 64), which are also `load_quantized`'s defaults. A record of the wrong shape or with a value
+    out of range raises `AdapterError` naming the key (`where` names the file in the message).
     """
-    record = config.get(QLORA_KEY)
-    if not isinstance(record, dict):
+    if QLORA_KEY not in config:
         return QuantConfig(), False
+    record = config[QLORA_KEY]
+    check_quant_record(record, where)
     keys = ("bits", "quant_type", "double_quant", "blocksize", "int8_threshold")
     settings = QuantConfig(**{k: record[k] for k in keys if k in record})
     try:
         settings.validate()
     except ConfigError as exc:  # names a quant.* field; restate it as an adapter problem
         raise AdapterError(
-            f"{ADAPTER_CONFIG} records invalid quantization settings ({exc}); re-save the adapter."
+            f"{where} records invalid quantization settings ({_as_record_key(exc)}); re-save the adapter."
         ) from None
     return settings, True
 
@@ -254,6 +346,9 @@ __all__ = [
     "save_adapter",
     "read_adapter_config",
     "read_adapter_tensors",
+    "read_adapter",
+    "check_adapter_ranks",
+    "AdapterWeights",
     "load_adapter",
     "adapter_quant_settings",
     "adapter_quantized_modules",

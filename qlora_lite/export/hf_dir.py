@@ -89,18 +89,19 @@ def run_export(
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    # One export per output dir. The lock file sits beside the dir, which is renamed into place whole.
-    with DirectoryLock(plan.out_dir, purpose="qlora-lite export", beside=True):
-        replace = _check_out_dir(plan.out_dir, plan.base_dir, plan.adapter_dir, overwrite)  # again, now that we hold it
-        remove_stale_temps(plan.out_dir)  # half-written outputs of killed exports
-        try:
+    # One writer per directory, whatever the command: the lock `train` takes on a run dir is this same lock, so
+    # an --overwrite of a run that is still training is refused instead of deleting its checkpoints.
+    try:
+        with DirectoryLock(plan.out_dir, purpose="qlora-lite export"):
+            replace = _check_out_dir(plan.out_dir, plan.base_dir, plan.adapter_dir, overwrite)  # again, now held
+            remove_stale_temps(plan.out_dir)  # half-written outputs of killed exports
             with torch.no_grad(), atomic_dir(plan.out_dir, overwrite=replace) as tmp:
                 _write_output(plan, tmp, device)
-        except OSError as exc:
-            raise ExportError(
-                f"writing the merged model to {plan.out_dir} failed ({exc}); nothing was changed there, "
-                "free disk space or fix permissions and export again."
-            ) from None
+    except OSError as exc:
+        raise ExportError(
+            f"writing the merged model to {plan.out_dir} failed ({exc}); nothing was changed there, "
+            "free disk space or fix permissions and export again."
+        ) from None
     return ExportResult(
         path=plan.out_dir,
         shard_files=plan.shard_names,

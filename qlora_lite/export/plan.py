@@ -7,6 +7,7 @@ config, so `plan_export` raises on any bad input before a single weight is read 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from ..errors import AdapterError, ConfigError, ExportError
 from ..io.safetensors import SafetensorsFile, weight_files
 from ..model.lora import lora_scaling
 from .adapter import (
-    _adapter_file,
+    ADAPTER_CONFIG,
+    AdapterWeights,
     _module_key,
     _pattern_value,
     adapter_quant_settings,
     adapter_quantized_modules,
-    read_adapter_config,
+    read_adapter,
 )
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,7 +71,7 @@ class ExportPlan:
     merge_into: str
     quant: QuantConfig
     quant_recorded: bool
-    adapter: SafetensorsFile
+    adapter: AdapterWeights  # read whole at planning: the merge uses exactly the tensors checked here
     config: dict
     items: list[_Item]
     shards: list[list[_Item]] = field(default_factory=list)
@@ -133,7 +135,7 @@ def _check_out_dir(out_dir: Path, base_dir: Path, adapter_dir: Path, overwrite: 
     return True
 
 
-def _lora_index(adapter: SafetensorsFile, config: dict) -> dict[str, _Lora]:
+def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
     """module path -> its adapter keys and scaling; refuses tensors that are not LoRA A/B matrices."""
     keys: dict[str, dict[str, str]] = {}
     for key in adapter.keys():
@@ -159,15 +161,13 @@ def _lora_index(adapter: SafetensorsFile, config: dict) -> dict[str, _Lora]:
                 )
         r = adapter.shape(pair["lora_A"])[0]
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
-        index[module] = _Lora(
-            pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora", False)))
-        )
+        index[module] = _Lora(pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora"))))
     if not index:
         raise AdapterError(f"{adapter.path} holds no LoRA tensors; re-save the adapter.")
     return index
 
 
-def _check_lora_shapes(item: _Item, lora: _Lora, adapter: SafetensorsFile) -> None:
+def _check_lora_shapes(item: _Item, lora: _Lora, adapter: AdapterWeights) -> None:
     out_f, in_f = (item.shape[1], item.shape[0]) if item.conv1d else item.shape
     shape_a, shape_b = adapter.shape(lora.key_a), adapter.shape(lora.key_b)
     layout = "[in, out]" if item.conv1d else "[out, in]"
@@ -234,12 +234,13 @@ def plan_export(
 
     out_dtype = _check_options(dtype, merge_into)
     max_bytes = _max_shard_bytes(max_shard_size)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ExportError(f"the output directory must be a path (str or Path), not {type(out_dir).__name__}.")
     base_dir = check_model_dir(base_path)
     shards = [SafetensorsFile(p) for p in weight_files(base_dir)]
-    config = read_adapter_config(adapter_dir)
-    adapter = _adapter_file(adapter_dir)
+    config, adapter = read_adapter(adapter_dir)
     loras = _lora_index(adapter, config)
-    settings, recorded = adapter_quant_settings(config)
+    settings, recorded = adapter_quant_settings(config, Path(adapter_dir) / ADAPTER_CONFIG)
     replace = _check_out_dir(Path(out_dir), base_dir, Path(adapter_dir), overwrite)
 
     items, by_path = _base_items(base_dir, shards, out_dtype, trust_remote_code)

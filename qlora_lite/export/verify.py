@@ -86,7 +86,7 @@ def reference_logits(
     device: str | torch.device | None = None,
     compute_dtype: str = "float32",
 ) -> torch.Tensor:
-    """Logits (as fp32) of the quantized base + adapter, quantized as recorded in the adapter."""
+    """Logits (as fp32) of the quantized base + adapter, quantized as recorded in the adapter, in eval mode."""
     from ..model.loader import load_quantized
     from .adapter import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
 
@@ -102,6 +102,9 @@ def reference_logits(
     if compute_dtype == "float32":
         _compute_in_fp32(model)
         _restore_checkpoint_precision(model, base_path)
+    # Inference, as the merged model runs: LoRA dropout (0.05 in the shipped example) would otherwise drop a
+    # random part of the adapter's input and fail a correct merge.
+    model.eval()
     with torch.no_grad():
         logits = model(input_ids=input_ids.to(next(model.parameters()).device)).logits.float().cpu()
     del model
@@ -115,7 +118,7 @@ def merged_logits(
     device: str | torch.device | None = None,
     compute_dtype: str = "float32",
 ) -> tuple[torch.Tensor, str]:
-    """Logits (as fp32) of the merged model loaded by plain transformers, and the dtype it was stored in."""
+    """Logits (as fp32) of the merged model loaded by plain transformers (eval mode), and its stored dtype."""
     from transformers import AutoModelForCausalLM
 
     try:
