@@ -121,7 +121,8 @@ def test_sigkill_in_a_checkpoint_and_in_the_final_adapter_then_resume(tiny_model
     assert [s for s, _ in checkpoint_dirs(out)] == [2]
     half = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".step-4.")]
     assert len(half) == 1 and (half[0] / "optimizer.pt").is_file() and not (half[0] / COMPLETE_MARKER).exists()
-    assert (out / ".qlora-lite.lock").read_text().endswith("(qlora-lite train)")  # the dead process's lock file stays
+    # the dead process's lock file stays beside the run dir, no longer locked
+    assert (tmp_path / ".run.qlora-lite.lock").read_text().endswith("(qlora-lite train)")
     # an adapter/ from an earlier, shorter run: the final save below must leave it as it is
     old_adapter = snapshot(out / "checkpoints" / "step-2" / "adapter")
     (out / "adapter").mkdir()
@@ -146,7 +147,7 @@ def test_sigkill_in_a_checkpoint_and_in_the_final_adapter_then_resume(tiny_model
     assert "resuming from step 4" in said
     assert snapshot(out / "adapter") == snapshot(out / "checkpoints" / "step-4" / "adapter")
     assert snapshot(out / "adapter") != old_adapter
-    assert hidden(out) == [".qlora-lite.lock"] and hidden(out / "checkpoints") == []
+    assert hidden(out) == [] and hidden(out / "checkpoints") == [] and hidden(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- training: bad storage
@@ -224,7 +225,7 @@ def test_disk_full_in_a_checkpoint_and_in_the_final_adapter_keeps_what_was_there
     assert line.startswith(f"error: writing the final adapter in {out} failed ([Errno 28] No space left on device")
     assert f"the last complete checkpoint is {out / 'checkpoints' / 'step-6'}" in line
     assert snapshot(out / "adapter") == done
-    assert hidden(out) == [".qlora-lite.lock"]
+    assert hidden(out) == [] and hidden(tmp_path) == []  # the lock beside the run dir went with the process
 
     monkeypatch.delenv(ENOSPC_ENV)
     assert main(["train", str(cfg), "--resume", "--train.max_steps", "6"]) == 0

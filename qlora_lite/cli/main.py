@@ -1,16 +1,21 @@
 """`qlora-lite` command line: train, export, memory, demo.
 
 Each sub-command parses its arguments, calls the library, and renders the result with rich.
-A `QloraLiteError` becomes one line on stderr and exit code 2 (a traceback only with --debug).
+A `QloraLiteError` becomes one line on stderr and exit code 2 (a traceback only with --debug). SIGTERM and
+Ctrl-C (SIGINT) stop a command through its own cleanup and print one line (for `train`: what was saved and how
+to resume), with exit code 143 or 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import QloraLiteError
 from .common import console as _console
@@ -112,8 +117,44 @@ def _print_error(exc: BaseException | str) -> None:
             console.print(Text(line), soft_wrap=True)
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGINT raise `training.interrupt.Interrupted` (a `KeyboardInterrupt`) in
+    the main thread, so it stops through its own cleanup (atomic writes remove their temporaries, locks are
+    released); a second signal while it unwinds ends the process at once. A signal the parent process set to
+    be ignored stays ignored. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from ..training.interrupt import Interrupted
+
+    def stop(signum: int, frame: object) -> None:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_DFL)
+        raise Interrupted(signum=signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(sig)
+        if current is not None and current is not signal.SIG_IGN:
+            previous[sig] = current
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `qlora-lite` and `python -m qlora_lite`; returns the exit code."""
+    with _signals_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """Run one command; errors and interruptions become one line on stderr and the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
@@ -137,9 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _print_error(f"{exc}; check that path, its permissions and the free disk space.")
         return 2
-    except KeyboardInterrupt:
-        _console(stderr=True).print("interrupted")
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM; `train` says where it stopped and how to resume
+        if debug:
+            raise
+        from rich.text import Text
+
+        from ..training.interrupt import signal_of
+
+        _console(stderr=True).print(Text(str(exc) or "interrupted"), soft_wrap=True)
+        return 128 + signal_of(exc)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,74 @@ Records follow TRL's conventions, detected per record by `record_format`:
 - `{"prompt": ..., "completion": ...}`: loss on the completion only;
 - `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation; loss on the assistant turns only.
 
-Every record comes with its location ('file line N' or 'file[i]'), which error messages name.
+Every record comes with its location ('file line N' or 'file[i]'), which error messages name. A JSONL line is
+what ends at a newline ("\n", with an optional "\r"): Unicode line separators inside a JSON string stay in it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import DataError
 
 FORMATS = ("text", "prompt_completion", "messages")
+# A \uD800-\uDFFF escape: JSON allows it, but alone (not as a pair) it decodes to no character at all.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parse(text: str, where: str, one_line: bool) -> object:
+    """`json.loads` with its failures as one `DataError` naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if not one_line:
+            raise DataError(
+                f"{where}: not valid JSON ({exc}); fix the file or write one JSON object per line (.jsonl)."
+            ) from None
+        problem = exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg  # "Unterminated string starting at"
+        raise DataError(
+            f"{where} is not valid JSON ({problem} at column {exc.colno}); fix or remove that line."
+        ) from None
+    except RecursionError:
+        raise DataError(
+            f"{where} nests JSON arrays or objects too deeply to read (about a thousand levels or more); "
+            'a record is a flat object such as {"text": ...}, so fix or remove it.'
+        ) from None
+    except ValueError as exc:  # an integer with more digits than Python converts: the reason precedes ": value has"
+        raise DataError(f"{where} cannot be read as JSON ({str(exc).split(':')[0]}); fix or remove it.") from None
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """A lone UTF-16 surrogate in a record's strings (keys included), as its \\uXXXX escape, or None.
+
+    Iterative, so a record nested as deeply as the JSON reader allows is walked without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"\\u{ord(item[exc.start]):04x}"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _check_text(record: object, where: str) -> None:
+    """Refuse a record holding a lone surrogate escape: no tokenizer can encode it. Called only where the text
+    holds such an escape (`SURROGATE_ESCAPE`), so the common case costs one regex scan."""
+    bad = _lone_surrogate(record)
+    if bad is not None:
+        raise DataError(
+            f"{where} holds the escape {bad}, half of a UTF-16 surrogate pair, which is no character on its own; "
+            "write the character itself or its full pair, or remove that record."
+        )
 
 
 def _hub_dataset(name: str) -> list[tuple[str, dict]] | None:
@@ -49,7 +106,10 @@ def load_records(source: str | Path) -> list[tuple[str, dict]]:
         raise DataError(f"data file {source} does not exist{hint}; give the path of a JSONL file.")
     if path.is_dir():
         raise DataError(f"{path} is a directory; give the path of a .jsonl or .json data file.")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"data file {path} cannot be read ({exc.strerror or exc}); check its permissions.") from None
     try:
         text = raw.decode("utf-8-sig")  # a leading byte-order mark is allowed and dropped
     except UnicodeDecodeError as exc:
@@ -58,32 +118,25 @@ def load_records(source: str | Path) -> list[tuple[str, dict]]:
             f"{path} line {line} is not UTF-8 text ({exc.reason} at byte {exc.start} of the file); save the file as UTF-8."
         ) from None
     if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise DataError(
-                f"{path}: not valid JSON ({exc}); fix the file or write one JSON object per line (.jsonl)."
-            ) from None
+        data = _parse(text, str(path), one_line=False)
         if not isinstance(data, list):
             raise DataError(
                 f"{path} holds a JSON {type(data).__name__}, not an array of records; write a list of objects or JSONL."
             )
         records = [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
+        if SURROGATE_ESCAPE.search(text) is not None:
+            for where, rec in records:
+                _check_text(rec, where)
     else:
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                problem = (
-                    exc.msg[: -len(" at")] if exc.msg.endswith(" at") else exc.msg
-                )  # "Unterminated string starting at"
-                raise DataError(
-                    f"{path} line {number} is not valid JSON ({problem} at column {exc.colno}); fix or remove that line."
-                ) from None
-            records.append((f"{path} line {number}", rec))
+            where = f"{path} line {number}"
+            rec = _parse(line, where, one_line=True)
+            if SURROGATE_ESCAPE.search(line) is not None:
+                _check_text(rec, where)
+            records.append((where, rec))
     for where, rec in records:
         if not isinstance(rec, dict):
             raise DataError(

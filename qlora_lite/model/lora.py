@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config.settings import LoraConfig
 from ..errors import ConfigError
+from .arguments import check_lora_arguments
 from .quant import COMPUTE_DTYPE
 from .targets import TargetSpec, resolve_targets
 
@@ -96,8 +97,11 @@ def apply_lora(
 ) -> nn.Module:
     """Wrap the targeted linear layers of `model` with LoRA, in place; only A and B stay trainable.
 
-    Raises `ConfigError` for r <= 0, r larger than a layer's smaller side, or targets that match nothing.
+    Raises `ConfigError` for an argument of the wrong type (a model that is not a torch module, r=2.5,
+    alpha="32", ...), r <= 0, a non-finite alpha, r larger than a layer's smaller side, or targets that match
+    nothing.
     """
+    check_lora_arguments(model, r, alpha, dropout, target_modules, rslora, adapter_dtype, seed)
     if isinstance(target_modules, tuple):
         target_modules = list(target_modules)
     settings = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, rslora=rslora)
@@ -105,6 +109,10 @@ def apply_lora(
     if getattr(model, "qlora_lora", None) is not None:
         raise ConfigError("this model already has LoRA adapters; load a fresh base model to apply new ones.")
     targets = resolve_targets(model, target_modules)
+    if "" in targets:
+        raise ConfigError(
+            "apply_lora: the model is itself a linear layer; give the model that holds the layers to adapt."
+        )
     for name in targets:
         in_f, out_f = linear_dims(model.get_submodule(name))
         if r > min(in_f, out_f):

@@ -2,8 +2,11 @@
 
 A checkpoint (`checkpoints/step-N/`) holds the PEFT adapter, optimizer.pt (fp32 masters + inner AdamW state,
 tensors only, loaded with `weights_only=True`), rng.safetensors, trainer_state.json (step, data position,
-schedule, logging window, the settings fingerprint) and a `COMPLETE` marker written last, listing every file
-with its size and sha256.
+schedule, logging window, the settings fingerprint, the data files' sizes and sha256) and a `COMPLETE` marker
+written last, listing every file with its size and sha256.
+
+Resume policy: a changed fingerprinted setting is refused; a changed data file is refused unless the caller
+allows it; a changed schedule setting (max_steps, lr, warmup_steps, schedule) is allowed and said.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..config.settings import TrainConfig, resume_keys
-from ..errors import ConfigError, TrainingError
+from ..config.settings import TrainConfig, TrainSettings, resume_keys
+from ..errors import ConfigError, DataError, QloraLiteError, TrainingError
 from ..export.adapter import save_adapter
 from ..io.atomic import (
     atomic_dir,
@@ -48,6 +51,99 @@ def check_resume_settings(state: dict, config: TrainConfig, path: Path) -> None:
                 f"checkpoint {path} was made with {key}={saved[key]!r} but this config has {key}={now[key]!r}; "
                 "resume with the checkpoint's settings or start a new output_dir."
             )
+
+
+def data_fingerprint(config: TrainConfig) -> dict:
+    """What the run trains and evaluates on, by role ("train", "eval"): a file's path, size and sha256, or a
+    Hugging Face dataset's name (its contents are not fingerprinted). A file that cannot be read is left out:
+    loading the data reports it."""
+    found: dict[str, dict] = {}
+    for role in ("train", "eval"):
+        source = getattr(config.data, role)
+        if not source:
+            continue
+        path = Path(source)
+        try:
+            if path.is_file():
+                found[role] = {"file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            elif not path.exists():
+                found[role] = {"dataset": str(source)}
+        except OSError:
+            continue
+    return found
+
+
+def check_resume_data(state: dict, now: dict, path: Path, allow_change: bool) -> list[str]:
+    """Refuse (`DataError`) to resume on a data file whose size or sha256 differs from the one the checkpoint
+    recorded, unless `allow_change`; then return one notice per changed file (or one saying that a checkpoint of
+    an earlier version recorded none)."""
+    if not isinstance(state.get("data_files"), dict):
+        return [
+            f"checkpoint {path.name} records no fingerprint of its data (an earlier qlora-lite wrote it), so a change "
+            "of the data files since then cannot be detected"
+        ]
+    notices = []
+    for role, before in state["data_files"].items():
+        after = now.get(role) or {}
+        if not isinstance(before, dict) or "sha256" not in before or "sha256" not in after:
+            continue  # a hub dataset, or a file that loading will report as missing
+        if (before.get("bytes"), before["sha256"]) == (after["bytes"], after["sha256"]):
+            continue
+        what = (
+            f"data.{role} file {after['file']} changed since checkpoint {path} was written "
+            f"({before.get('bytes')} bytes, sha256 {str(before['sha256'])[:12]} then; "
+            f"{after['bytes']} bytes, sha256 {after['sha256'][:12]} now)"
+        )
+        if not allow_change:
+            raise DataError(
+                f"{what}; put the original file back, start a new output_dir, or pass --allow-data-change "
+                "(allow_data_change=True) to resume on the new data."
+            )
+        notices.append(
+            f"{what}; resuming on the new data as --allow-data-change asks: the batch order continues from the "
+            "checkpoint's position over the new records"
+        )
+    return notices
+
+
+def schedule_notices(state: dict, s: TrainSettings, path: Path) -> list[str]:
+    """What a resumed run's changed schedule settings change, one notice each; `ConfigError` for a max_steps
+    below the checkpoint's step (the run would end already past it)."""
+    step = state["step"]
+    if s.max_steps < step:
+        raise ConfigError(
+            f"train.max_steps is {s.max_steps} but checkpoint {path} is at step {step}; set train.max_steps to "
+            f"{step} or more, or take the adapter of an earlier checkpoint."
+        )
+    saved = state.get("schedule") if isinstance(state.get("schedule"), dict) else {}
+    notices = []
+    old = saved.get("max_steps")
+    if old is not None and old != s.max_steps:
+        first = max(step + 1, s.warmup_steps + 2)  # the cosine's progress is 0 at warmup + 1 whatever max_steps is
+        if s.max_steps == step:
+            notices.append(
+                f"train.max_steps changed from {old} to {s.max_steps}, the step of checkpoint {path.name}: no step is "
+                "left to run, so only the final adapter is written"
+            )
+        elif s.schedule == "cosine" and first <= s.max_steps:
+            notices.append(
+                f"train.max_steps changed from {old} to {s.max_steps}: the cosine schedule now decays over "
+                f"{s.max_steps} steps, so the learning rate from step {first} on differs from the first run's"
+            )
+        else:
+            notices.append(
+                f"train.max_steps changed from {old} to {s.max_steps}: the {s.schedule} schedule does not depend on it "
+                f"for steps {step + 1} to {s.max_steps}, so only the run's length changes"
+            )
+    names = {"name": "schedule", "lr": "lr", "warmup_steps": "warmup_steps"}
+    for key, name in names.items():
+        before, now = saved.get(key), getattr(s, name)
+        if before is not None and before != now:
+            notices.append(
+                f"train.{name} changed from {before!r} to {now!r}: the learning rate from step {step + 1} on "
+                "follows the new setting"
+            )
+    return notices
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -125,6 +221,62 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def _bad_checkpoint(path: Path, problem: str) -> TrainingError:
+    return TrainingError(f"checkpoint {path} {problem}; delete this checkpoint to resume from an older one.")
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, checked to hold what resuming reads (`TrainingError` if not)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _bad_checkpoint(path, f"has an unreadable trainer_state.json ({exc})") from None
+    ints = ("step", "window_steps", "tokens")
+    ok = isinstance(state, dict) and all(type(state.get(k)) is int and state[k] >= 0 for k in ints)
+    ok = ok and type(state.get("window_loss_sum")) in (int, float)
+    data = state.get("data") if ok else None
+    ok = ok and isinstance(data, dict) and all(type(data.get(k)) is int and data[k] >= 0 for k in ("epoch", "index"))
+    if not ok:
+        raise _bad_checkpoint(path, "has a trainer_state.json without the step, data position or logging window")
+    match = CHECKPOINT_PATTERN.match(path.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise _bad_checkpoint(path, f"holds the trainer state of step {state['step']}")
+    return state
+
+
+def _load_optimizer_state(path: Path, optimizer: AdapterOptimizer, device: torch.device) -> None:
+    file = path / "optimizer.pt"
+    try:
+        saved = torch.load(file, map_location=device, weights_only=True)
+    except Exception as exc:  # a damaged zip or pickle stream surfaces as many types (RuntimeError, KeyError, EOFError)
+        if type(exc).__name__ == "UnpicklingError":  # torch's own text advises weights_only=False: never to be taken
+            raise TrainingError(
+                f"{file} holds objects other than tensors; qlora-lite never unpickles them; "
+                "delete this checkpoint to resume from an older one."
+            ) from None
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise TrainingError(
+            f"{file} cannot be read ({type(exc).__name__}: {first}); delete this checkpoint to resume from an older one."
+        ) from None
+    masters = saved.get("masters") if isinstance(saved, dict) else None
+    if not (isinstance(masters, list) and all(isinstance(t, torch.Tensor) for t in masters)):
+        raise TrainingError(
+            f"{file} does not hold an optimizer state written by qlora-lite; "
+            "delete this checkpoint to resume from an older one."
+        )
+    try:
+        optimizer.load_state_dict(saved)
+    except QloraLiteError:
+        raise
+    except (
+        Exception
+    ) as exc:  # torch's optimizers raise ValueError, KeyError or RuntimeError for a state that does not fit
+        raise TrainingError(
+            f"{file} does not fit this run's adapters ({str(exc).splitlines()[0][:120]}); "
+            "resume with the checkpoint's settings or delete this checkpoint to resume from an older one."
+        ) from None
+
+
 def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.device) -> dict:
     """Load optimizer (and with it the adapter weights) and RNG states from a checkpoint; return its trainer state."""
     problem = checkpoint_problem(path)
@@ -132,12 +284,14 @@ def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.de
         raise TrainingError(
             f"checkpoint {path} cannot be resumed from ({problem}); delete it and resume from an older one."
         )
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(saved)
-    rng = SafetensorsFile(path / "rng.safetensors")
-    torch.set_rng_state(rng.read("cpu"))
-    cuda_states = [rng.read(k) for k in sorted(k for k in rng.keys() if k.startswith("cuda."))]
+    state = read_trainer_state(path)
+    _load_optimizer_state(path, optimizer, device)
+    try:
+        rng = SafetensorsFile(path / "rng.safetensors")
+        torch.set_rng_state(rng.read("cpu"))
+        cuda_states = [rng.read(k) for k in sorted(k for k in rng.keys() if k.startswith("cuda."))]
+    except Exception as exc:  # a damaged header (the reader's own error) or a state of the wrong dtype or size
+        raise _bad_checkpoint(path, f"has an unusable rng.safetensors ({str(exc).splitlines()[0][:120]})") from None
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return state

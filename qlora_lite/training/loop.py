@@ -6,22 +6,29 @@ progress goes to a `Reporter`.
 
 Resume is exact on the CPU: a checkpoint holds everything the next step depends on (fp32 master weights and
 AdamW state, the torch RNG states that drive dropout, the data position as (epoch, batch) of a seed-determined
-order, the partial logging window), and the learning rate is a pure function of the step.
+order, the partial logging window), and the learning rate is a pure function of the step. A step's micro-batches
+are collated one at a time, as the step uses them; only its target count is taken up front, from the labels.
+
+On SIGTERM (through the CLI) or Ctrl-C, `train` raises `interrupt.Interrupted` naming the newest complete
+checkpoint; atomic writes leave nothing half-written.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import dataclasses
 import math
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
-from ..config.load import load_config
+from ..config.load import config_from_dict, load_config
 from ..config.settings import TrainConfig
-from ..data.batching import BatchOrder, collate, pad_id
+from ..data.batching import IGNORE_INDEX, BatchOrder, collate, pad_id
 from ..errors import ConfigError, TrainingError
 from ..export.adapter import save_adapter
 from ..io.atomic import atomic_dir, write_text_atomic
@@ -31,14 +38,19 @@ from ..memory.oom import oom_fault_point, oom_message, out_of_memory_error
 from ..model.loader import default_device
 from ..model.lora import count_parameters
 from .checkpoint import (
+    check_resume_data,
     check_resume_settings,
+    data_fingerprint,
     find_resume_checkpoint,
     fingerprint,
     latest_checkpoint,
     prune_checkpoints,
+    read_trainer_state,
     restore_checkpoint,
     save_checkpoint,
+    schedule_notices,
 )  # fmt: skip
+from .interrupt import Interrupted, signal_of
 from .metrics import MetricsLog
 from .reporter import Reporter, TrainResult
 from .schedule import lr_at
@@ -48,14 +60,79 @@ from .step import NonFiniteStepError, evaluate, train_step
 __all__ = ["Reporter", "TrainResult", "train"]
 
 
+def _plain(value: Any) -> Any:
+    """A config as nested dicts, lists and scalars (paths as strings), to be built again through the schema."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
 def _as_config(config: TrainConfig | str | Path) -> TrainConfig:
+    """A validated config from a `TrainConfig` (rebuilt through the schema, so wrong types set in Python are
+    refused as a YAML file's would be) or from the path of a YAML file."""
     if isinstance(config, TrainConfig):
-        config.validate()
-        return config
-    return load_config(config)
+        checked = config_from_dict(_plain(config))
+        checked.validate()
+        return checked
+    path = os.fspath(config) if isinstance(config, os.PathLike) else config
+    if not isinstance(path, str):
+        hint = (
+            " (qlora_lite.config.load.config_from_dict builds one from nested dicts)" if isinstance(path, dict) else ""
+        )
+        raise ConfigError(
+            f"train() takes a TrainConfig or the path of a YAML config, not a {type(config).__name__}{hint}."
+        )
+    if not path or "\0" in path:
+        raise ConfigError(f"config path {path!r} is not a file name; give the path of a YAML training config.")
+    try:
+        return load_config(path)
+    except OSError as exc:  # a name the file system refuses (too long, a loop of links)
+        raise ConfigError(
+            f"config file {path} cannot be read ({exc.strerror or exc}); give the path of a YAML config."
+        ) from None
+
+
+def _check_call(resume: Any, allow_data_change: Any, reporter: Any) -> None:
+    """Refuse arguments of `train` that are not what they must be, before anything is touched."""
+    for name, value in (("resume", resume), ("allow_data_change", allow_data_change)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}.")
+    if allow_data_change and not resume:
+        raise ConfigError(
+            "--allow-data-change (allow_data_change=True) only applies when resuming; add --resume or drop it."
+        )
+    if reporter is not None and not isinstance(reporter, Reporter):
+        raise ConfigError(
+            f"reporter must be a qlora_lite.training.reporter.Reporter (a subclass of it), got {type(reporter).__name__}."
+        )
+
+
+def _check_output_parent(out: Path) -> None:
+    """Refuse an output_dir below a file (the lock and the run dir could not be made; mkdir would raise
+    FileExistsError or NotADirectoryError)."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output_dir {out} cannot be made: {parent} is a file; choose another output_dir.")
+            return
 
 
 def _check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse an output_dir that is a file, a folder of the user's, or (without resume) a run that has started."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file; choose an empty or new output_dir.")
+    # A lock file alone (".qlora-lite.lock", kept inside run dirs by earlier versions) leaves a folder "empty".
+    names = {p.name for p in out.iterdir()} - {".qlora-lite.lock"} if out.is_dir() else set()
+    if names and not names & {"checkpoints", "metrics.jsonl", "config.yaml", "adapter"}:
+        raise ConfigError(
+            f"{out} is not empty and is not a qlora-lite run directory; choose an empty or new output_dir."
+        )
     if resume:
         return
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) or (out / "metrics.jsonl").exists():
@@ -64,20 +141,33 @@ def _check_output_dir(out: Path, resume: bool) -> None:
         )
 
 
-def train(config: TrainConfig | str | Path, *, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+def train(
+    config: TrainConfig | str | Path,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    allow_data_change: bool = False,
+) -> TrainResult:
     """Fine-tune with QLoRA as the config says; `config` is a `TrainConfig` or a YAML path.
 
     With `resume`, continue from the newest complete checkpoint in `output_dir` (a fresh start if there
-    is none). Raises `ConfigError` / `DataError` for bad settings or data, and `TrainingError` when the
-    loss or the gradient norm stops being finite (the last good checkpoint is kept).
+    is none); a data file that changed since that checkpoint is refused unless `allow_data_change`.
+    Raises `ConfigError` / `DataError` for bad settings, arguments or data, `TrainingError` when the loss or
+    the gradient norm stops being finite (the last good checkpoint is kept), and `interrupt.Interrupted` (a
+    `KeyboardInterrupt`) on Ctrl-C, naming the checkpoint to resume from.
     """
+    _check_call(resume, allow_data_change, reporter)
     config = _as_config(config)
+    _check_output_parent(Path(config.output_dir))
     # One process per run dir: a second `train` on it would interleave checkpoints and metrics.
     with DirectoryLock(config.output_dir, purpose="qlora-lite train"):
+        run = _Run(config, reporter or Reporter())
         try:
-            return _Run(config, reporter or Reporter()).run(resume)
+            return run.run(resume, allow_data_change)
         except torch.OutOfMemoryError as exc:
             failure = oom_message(exc)  # only the text: the traceback holds the failed step's tensors
+        except KeyboardInterrupt as exc:
+            raise run.interrupted(exc) from None
     # Raised outside the handler, so those tensors are freed before anything else runs.
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -105,19 +195,27 @@ class _Run:
         self.last_good: Path | None = None
         self.last_train_loss: float | None = None
         self.last_eval: dict | None = None
+        self.phase = "prepare"  # then "train", then "final": what an interruption message says was going on
 
-    def run(self, resume: bool) -> TrainResult:
+    def run(self, resume: bool, allow_data_change: bool = False) -> TrainResult:
         """Prepare, resume if asked, train to max_steps, write the final adapter; return the result."""
         s, out = self.s, self.out
         _check_output_dir(out, resume)
         self.device = default_device()
         torch.manual_seed(s.seed)
+        self.data_files = data_fingerprint(self.config)
+        # Which checkpoint, and whether its settings and data fit, is decided before the model loads.
+        start_from, notices = self._find_resume(allow_data_change) if resume else (None, [])
         parts = prepare_run(self.config, self.device)
         self.model, self.optimizer = parts.model, parts.optimizer
         self.train_ds, self.eval_ds = parts.train_data, parts.eval_data
         self.pad = pad_id(parts.tokenizer)
         self.order = BatchOrder(len(self.train_ds), s.micro_batch_size, s.seed)
-        notices = self._resume() if resume else []
+        # Each example's loss-carrying tokens, as collate + target_count would count them: labels after the first.
+        self.example_targets = [sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in self.train_ds.examples]
+        notices += self._data_notices()
+        if start_from is not None:
+            notices += self._restore(start_from)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         trainable, total = count_parameters(self.model)
@@ -129,10 +227,12 @@ class _Run:
         })  # fmt: skip
         started = time.perf_counter()
         self.model.train()
+        self.phase = "train"
         while self.step < s.max_steps:
             self._one_step()
         if self.eval_ds is not None and self.last_eval is None:  # resumed at max_steps: report the final eval
             self._evaluate(report=False)
+        self.phase = "final"
         self._save_final_adapter()
         history = self.metrics.read()
         if self.last_train_loss is None:
@@ -148,16 +248,23 @@ class _Run:
         self.reporter.on_end(result)
         return result
 
-    def _resume(self) -> list[str]:
-        """Restore the newest good checkpoint (if any); return what resume found and did."""
-        s = self.s
+    def _find_resume(self, allow_data_change: bool) -> tuple[Path | None, list[str]]:
+        """The newest good checkpoint (None: start from step 0), checked against this config and the data files;
+        and the notices of what resume found, removed or sees changed."""
         start_from, notices = find_resume_checkpoint(self.out)
         if start_from is None:
             if self.metrics.path.exists():
                 self.metrics.truncate_to(0)  # killed before its first checkpoint: start the log over with the run
-            return notices
-        state = json.loads((start_from / "trainer_state.json").read_text())
+            return None, notices
+        state = read_trainer_state(start_from)
         check_resume_settings(state, self.config, start_from)
+        notices += check_resume_data(state, self.data_files, start_from, allow_data_change)
+        notices += schedule_notices(state, self.s, start_from)
+        return start_from, notices
+
+    def _restore(self, start_from: Path) -> list[str]:
+        """Load the checkpoint's weights, optimizer, RNG, data position and logging window."""
+        s = self.s
         state = restore_checkpoint(start_from, self.optimizer, self.device)
         self.step = self.resumed_from = state["step"]
         pos = state["data"]
@@ -166,19 +273,66 @@ class _Run:
         self.tokens_total = state["tokens"]
         self.metrics.truncate_to(self.step)
         self.last_good = start_from
+        notices = []
+        saved_decay = self.optimizer.param_groups[0].get("weight_decay")
+        if saved_decay is not None and saved_decay != s.weight_decay:  # the optimizer state carried the old value
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = s.weight_decay
+            notices.append(
+                f"train.weight_decay changed from {saved_decay!r} to {s.weight_decay!r}: steps from {self.step + 1} "
+                "on use the new setting"
+            )
         return notices
+
+    def _data_notices(self) -> list[str]:
+        """A step that asks for more than the data holds is said (not refused): it repeats sequences within a step."""
+        s, n, per_epoch = self.s, len(self.train_ds), self.order.batches_per_epoch
+        if s.grad_accum > per_epoch:
+            return [
+                f"a step of train.grad_accum = {s.grad_accum} micro-batches is longer than one pass over the training "
+                f"data ({per_epoch} micro-batch{'es' if per_epoch > 1 else ''} of up to {s.micro_batch_size} of its "
+                f"{n} sequences), so each step goes over the data {s.grad_accum / per_epoch:.3g} times; set "
+                f"train.grad_accum to {per_epoch} or less for at most one pass per step"
+            ]
+        if s.micro_batch_size > n:
+            return [
+                f"train.micro_batch_size is {s.micro_batch_size} but the training data holds {n} sequences, so each "
+                f"micro-batch is those {n} (set train.micro_batch_size to {n} or less to match)"
+            ]
+        return []
+
+    def interrupted(self, exc: KeyboardInterrupt) -> Interrupted:
+        """The `Interrupted` to raise for a SIGTERM / Ctrl-C: where the run was and what to resume from."""
+        if self.phase == "prepare":
+            where = "interrupted while preparing the run"
+        elif self.phase == "final":
+            where = f"interrupted while writing the final adapter after step {self.step}"
+        else:
+            where = f"interrupted at step {self.step}"
+        last = latest_checkpoint(self.out)  # from disk: the interrupt may have come just after a checkpoint's rename
+        then = (
+            f"the last complete checkpoint is {last}; run the same command with --resume to continue"
+            if last
+            else "no checkpoint had been written yet; run the same command with --resume to start over"
+        )
+        return Interrupted(f"{where}; {then}.", signal_of(exc))
 
     def _one_step(self) -> None:
         s = self.s
         self.step += 1
         step, t0 = self.step, time.perf_counter()
         lr = lr_at(step, s)
-        batches = [collate([self.train_ds.examples[i] for i in self.order.next_indices()], self.pad)
-                   for _ in range(s.grad_accum)]  # fmt: skip
+        # The loss normaliser (the step's target count) comes from the labels; the micro-batches are collated one
+        # at a time as the step uses them, so a large grad_accum never holds more than one in memory.
+        start, targets = copy.copy(self.order), 0  # the copy shares the epoch's permutation
+        for _ in range(s.grad_accum):
+            targets += sum(self.example_targets[i] for i in self.order.next_indices())
+        examples = self.train_ds.examples
+        batches = (collate([examples[i] for i in start.next_indices()], self.pad) for _ in range(s.grad_accum))
         try:
             result = train_step(
                 self.model, self.optimizer, batches, self.device, bf16=s.bf16, loss_chunk_tokens=s.loss_chunk_tokens,
-                max_grad_norm=s.max_grad_norm, lr=lr, before_update=lambda: oom_fault_point(step),
+                max_grad_norm=s.max_grad_norm, lr=lr, before_update=lambda: oom_fault_point(step), targets=targets,
             )  # fmt: skip
         except NonFiniteStepError as exc:
             where = (
@@ -226,7 +380,7 @@ class _Run:
             "step": step, "data": self.order.state(),
             "schedule": {"name": s.schedule, "lr": s.lr, "warmup_steps": s.warmup_steps, "max_steps": s.max_steps},
             "window_loss_sum": self.window_sum, "window_steps": self.window_steps, "tokens": self.tokens_total,
-            "fingerprint": fingerprint(self.config),
+            "fingerprint": fingerprint(self.config), "data_files": self.data_files,
         }  # fmt: skip
         try:
             path = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, trainer_state)

@@ -28,7 +28,8 @@ class TrainResult:
     trainable_params: int
     total_params: int
     history: list[dict] = field(default_factory=list)
-    notices: list[str] = field(default_factory=list)  # what resume found and did (skipped checkpoints, leftovers)
+    # what resume found and did (skipped checkpoints, leftovers, changed data or schedule) and a step beyond the data
+    notices: list[str] = field(default_factory=list)
 
 
 class Reporter:
@@ -36,7 +37,9 @@ class Reporter:
 
     def on_start(self, info: dict) -> None:
         """Run facts before the first step: steps, data statistics, parameter counts, device, resume step, and
-        `notices`: what resume found and did (checkpoints skipped as incomplete or corrupted, leftovers removed)."""
+        `notices`: what resume found and did (checkpoints skipped as incomplete or corrupted, leftovers removed, data
+        changed under --allow-data-change, a changed max_steps / lr / schedule and what it changes) and a step that
+        asks for more micro-batches than the data holds."""
 
     def on_step(self, record: dict) -> None:
         """After every optimizer step: step, loss, lr, grad_norm, tokens_per_s, epoch (and mem_gib on CUDA)."""

@@ -38,7 +38,14 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
         raise DataError(
             f"the model directory {model_dir} has no tokenizer files; copy the tokenizer next to config.json."
         )
-    context = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "max_position_embeddings", None)
+    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    embedding_rows = getattr(text_config, "vocab_size", None)
+    if embedding_rows and len(tokenizer) > embedding_rows:  # a token id past the embedding fails at step 1
+        raise DataError(
+            f"the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's embedding has {embedding_rows} "
+            "rows; use the tokenizer that came with the model."
+        )
+    context = getattr(text_config, "max_position_embeddings", None)
     if context and config.data.max_seq_len > context:
         raise ConfigError(
             f"data.max_seq_len is {config.data.max_seq_len}, longer than the model's context of {context} tokens; "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,29 +78,58 @@ def forward_loss_sum(
         )
 
 
-def accumulate_gradients(
+def _accumulate(
     model: torch.nn.Module,
-    batches: list[dict],
+    batches: Iterable[dict],
     optimizer: AdapterOptimizer,
     device: torch.device,
-    bf16: bool = True,
-    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> float:
-    """Forward and backward each micro-batch; leave fp32 gradients on the optimizer's masters; return the step loss."""
-    targets = sum(target_count(b["labels"]) for b in batches)
+    bf16: bool,
+    loss_chunk_tokens: int,
+    targets: int,
+) -> tuple[float, int, int]:
+    """Forward and backward each micro-batch as it comes; return (step loss, tokens, targets seen)."""
     step_loss = torch.zeros((), dtype=torch.float32, device=device)
+    tokens = seen = 0
     for batch in batches:
         loss = forward_loss_sum(model, batch, device, bf16, loss_chunk_tokens, normalizer=float(targets))
         loss.backward()
         optimizer.accumulate_grads()
         step_loss += loss.detach()
-    return float(step_loss)  # one device sync per step
+        tokens += int(batch["attention_mask"].sum())
+        seen += target_count(batch["labels"])
+    return float(step_loss), tokens, seen  # one device sync per step
+
+
+def _with_targets(batches: Iterable[dict], targets: int | None) -> tuple[Iterable[dict], int]:
+    """The micro-batches and the step's target count: given, or counted (which needs them all at hand)."""
+    if targets is not None:
+        return batches, targets
+    batches = list(batches)
+    return batches, sum(target_count(b["labels"]) for b in batches)
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    optimizer: AdapterOptimizer,
+    device: torch.device,
+    bf16: bool = True,
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    targets: int | None = None,
+) -> float:
+    """Forward and backward each micro-batch; leave fp32 gradients on the optimizer's masters; return the step loss.
+
+    With `targets` (the step's count of loss-carrying tokens: over its examples, the labels after the first that
+    are not -100) the micro-batches may be a generator: each is built, used and dropped before the next one.
+    """
+    batches, targets = _with_targets(batches, targets)
+    return _accumulate(model, batches, optimizer, device, bf16, loss_chunk_tokens, targets)[0]
 
 
 def train_step(
     model: torch.nn.Module,
     optimizer: AdapterOptimizer,
-    batches: list[dict],
+    batches: Iterable[dict],
     device: torch.device,
     *,
     bf16: bool = True,
@@ -108,17 +137,29 @@ def train_step(
     max_grad_norm: float = 1.0,
     lr: float | None = None,
     before_update: Callable[[], None] | None = None,
+    targets: int | None = None,
 ) -> StepResult:
     """One optimizer step over `batches` (the step's micro-batches, dicts from `data.batching.collate`).
 
     Sets `lr` on the optimizer when given, accumulates the gradients, calls `before_update` (a test hook),
-    clips to `max_grad_norm` (0: no clipping) and applies the update. Raises `NonFiniteStepError`, without
-    changing the weights, when the loss or the gradient norm is not finite.
+    clips to `max_grad_norm` (0: no clipping) and applies the update. `targets`, the step's total count of
+    loss-carrying tokens, lets `batches` be a generator that builds each micro-batch only when it is used.
+    Raises `TrainingError` for a learning rate that is not a finite positive number, and
+    `NonFiniteStepError`, without changing the weights, when the loss or the gradient norm is not finite.
     """
     if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise TrainingError(f"the learning rate is {lr!r}; it must be a finite positive number such as 2e-4.")
         for group in optimizer.param_groups:
             group["lr"] = lr
-    loss = accumulate_gradients(model, batches, optimizer, device, bf16, loss_chunk_tokens)
+    batches, targets = _with_targets(batches, targets)
+    loss, tokens, seen = _accumulate(model, batches, optimizer, device, bf16, loss_chunk_tokens, targets)
+    if seen != targets:
+        optimizer.zero_grad()
+        raise TrainingError(
+            f"the micro-batches hold {seen} target tokens but the step was normalised by {targets}; "
+            "pass the step's own target count."
+        )
     if before_update is not None:
         before_update()
     grad_norm = optimizer.clip_grad_norm_(max_grad_norm) if math.isfinite(loss) else float("nan")
@@ -127,9 +168,7 @@ def train_step(
         raise NonFiniteStepError(loss, grad_norm)
     optimizer.step()
     optimizer.zero_grad()
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    targets = sum(target_count(b["labels"]) for b in batches)
-    return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, targets=targets)
+    return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, targets=seen)
 
 
 @torch.no_grad()
