@@ -346,6 +346,12 @@ CASES: list[Case] = [
         "has shape [64, 192] but config.json describes [64, 128]",
     ),
     Case(
+        "export-base-weight-of-wrong-size",
+        "`export --base` on a base whose config.json does not describe its weights",
+        _json("inter", "config.json", _set("intermediate_size", 128), command="export"),
+        "has shape [64, 192] but config.json describes [64, 128]",
+    ),
+    Case(
         "model-weight-integer",
         "an integer tensor where a float weight is",
         _tensors("intw", _int_weight),
@@ -366,3 +372,12 @@ CASES: list[Case] = [
         "the tokenizer in ./bigtok has 329 tokens but the model's embedding has 320 rows; use the tokenizer that came with the model.",
     ),
 ]
+
+CASES.append(
+    Case(
+        "memory-empty-budget",
+        "an empty --gpu-memory",
+        lambda ws: ["memory", "llama-3.2-1b", "--gpu-memory", ""],
+        "GPU memory '' is not a size or a known GPU",
+    )
+)

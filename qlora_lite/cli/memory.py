@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         return 0
     config = run_config(args, extra)
     settings = settings_from_config(config, device="cuda", padding=args.padding, attn_implementation=args.attn)
-    budget, label = parse_budget(args.gpu_memory) if args.gpu_memory else (None, None)
+    budget, label = parse_budget(args.gpu_memory) if args.gpu_memory is not None else (None, None)
     inventory = build_inventory(config.model)
     report = report_for(inventory, settings)
     advice = advise(inventory, report, budget, label)

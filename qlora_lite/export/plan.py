@@ -184,12 +184,15 @@ def _check_lora_shapes(item: _Item, lora: _Lora, adapter: AdapterWeights) -> Non
 
 def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.dtype, trust_remote_code: bool):
     """Output items for every checkpoint tensor, with the checkpoint key -> model path map and Conv1D flags."""
-    from ..model.loader import build_skeleton, checkpoint_key_map, is_conv1d, load_config
+    from ..model.checks import check_checkpoint
+    from ..model.loader import build_skeleton, is_conv1d, load_config
 
-    skeleton = build_skeleton(load_config(base_dir, trust_remote_code), trust_remote_code)
+    skeleton = build_skeleton(
+        load_config(base_dir, trust_remote_code), trust_remote_code, str(base_dir / "config.json")
+    )
+    key_maps = check_checkpoint(skeleton, shards, base_dir)  # the base's config must describe its weights
     items, paths, seen = [], {}, set()
-    for shard in shards:
-        key_map = checkpoint_key_map(skeleton, shard.keys())
+    for shard, key_map in zip(shards, key_maps):
         for key in shard.keys():
             if key in seen:
                 continue
