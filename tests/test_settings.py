@@ -117,3 +117,21 @@ def test_validation_names_every_problem_at_once():
 def test_lora_alpha_zero_is_refused():
     with pytest.raises(ConfigError, match="lora.alpha is 0"):
         config_with_overrides({"model": "m", "data.train": "t", "lora.alpha": "0"})
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500 MB", 500 * 10**6), ("1e3KB", 10**6), (4096, 4096)],
+)
+def test_sizes_parse(text, expected):
+    from qlora_lite.config.units import parse_size
+
+    assert parse_size(text, "max shard size") == expected
+
+
+@pytest.mark.parametrize("text", ["", "0GB", "0.4B", "-1GB", "5 potatoes", "1e300GB", 2**70, True, "inf GB"])
+def test_sizes_that_are_not_sizes_are_refused(text):
+    from qlora_lite.config.units import parse_size
+
+    with pytest.raises(ConfigError, match="max shard size"):
+        parse_size(text, "max shard size")

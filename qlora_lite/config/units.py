@@ -13,6 +13,7 @@ SIZE_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
 UNIT_NAMES = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+MAX_SIZE = 2**60  # an exbibyte: past any real budget or shard, and far inside what int64 file offsets take
 
 
 def parse_size(value: str | int, what: str, example: str = "5GB") -> int:
@@ -23,6 +24,8 @@ def parse_size(value: str | int, what: str, example: str = "5GB") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{what} {value!r} is not a size; write it like {example}.")
     if isinstance(value, int):
+        if value > MAX_SIZE:
+            raise ConfigError(f"{what} {value!r} is larger than any disk or GPU; write it like {example}.")
         size = value
     else:
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
@@ -30,10 +33,10 @@ def parse_size(value: str | int, what: str, example: str = "5GB") -> int:
             raise ConfigError(
                 f"{what} {value!r} is not a size; write a number with a unit ({UNIT_NAMES}), e.g. {example}."
             )
-        number = float(match.group(1))
-        if not math.isfinite(number):
-            raise ConfigError(f"{what} {value!r} is not a finite size; write it like {example}.")
-        size = int(number * SIZE_UNITS[match.group(2)])
+        number = float(match.group(1)) * SIZE_UNITS[match.group(2)]
+        if not math.isfinite(number) or number > MAX_SIZE:
+            raise ConfigError(f"{what} {value!r} is larger than any disk or GPU; write it like {example}.")
+        size = int(number)
     if size <= 0:
         raise ConfigError(f"{what} {value!r} comes to {max(size, 0)} bytes; give a positive size such as {example}.")
     return size
