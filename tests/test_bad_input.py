@@ -208,7 +208,7 @@ CASES: list[Case] = [
         "config-unknown-key",
         "an unknown top-level key",
         lambda ws: ws.train(learning_rate=0.1),
-        "unknown config key 'learning_rate'; valid keys are: model, output_dir, trust_remote_code, quant, lora, data, train.",
+        "unknown config key 'learning_rate'; valid keys are: model, output_dir, revision, trust_remote_code, quant, lora, data, train.",
     ),
     Case(
         "config-unknown-section-key",

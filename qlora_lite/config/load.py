@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from .settings import TrainConfig, valid_keys
 
 # A comma-separated list of names, as typed on a command line: q_proj,v_proj
+WORD = re.compile(r"\s*[A-Za-z_][\w.-]*\s*")
 LIST_TEXT = re.compile(r"\s*[A-Za-z_][\w.]*\s*(,\s*[A-Za-z_][\w.]*\s*)+,?\s*")
 
 
@@ -66,6 +67,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     raise ConfigError(f"{key} got {value!r}; expected a list such as [q_proj, v_proj].") from None
             elif LIST_TEXT.fullmatch(value):
                 value = [part.strip() for part in value.split(",") if part.strip()]
+            elif tp is list and WORD.fullmatch(value):
+                value = [value.strip()]  # one name where a list of names is expected: report_to: csv
+            elif tp is list and not value.strip():
+                value = []
             else:
                 raise ConfigError(f"{key} got {value!r}; expected a list such as [q_proj, v_proj].")
         if not isinstance(value, list):

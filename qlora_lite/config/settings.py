@@ -163,11 +163,23 @@ class DataConfig(Section):
     )
     truncation: bool = setting(True, "truncate records longer than max_seq_len (false: refuse them)", resume=True)
     packing: bool = setting(False, "pack several records into each max_seq_len sequence", resume=True)
+    chat_template: str = setting(
+        "",
+        "chat template for messages records: a Jinja file, or a known name (see data.chat); "
+        "empty: the tokenizer's own, else a plain fallback",
+        resume=True,
+    )
+    system_prompt: str = setting(
+        "", "system turn put first in messages records that have none (empty: none)", resume=True
+    )
 
 
 @dataclass
 class TrainSettings(Section):
-    max_steps: int = setting(200, "optimizer steps to run", min=1, max=MAX_COUNT)
+    max_steps: int = setting(0, "optimizer steps to run (set this or train.epochs)", min=0, max=MAX_COUNT)
+    epochs: float = setting(
+        0.0, "passes over the training data, as an alternative to max_steps (may be fractional)", min=0.0, max=1e6
+    )
     micro_batch_size: int = setting(4, "sequences per forward pass", min=1, max=65536, resume=True)
     grad_accum: int = setting(4, "micro-batches per optimizer step", min=1, max=65536, resume=True)
     lr: float = setting(
@@ -201,6 +213,9 @@ class TrainSettings(Section):
     save_every: int = setting(50, "steps between checkpoints (0: only at the end)", min=0, max=MAX_COUNT)
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", min=1, max=MAX_COUNT)
     bf16: bool = setting(True, "run the forward under bf16 autocast where the device has it (CUDA with bf16, the CPU)")
+    report_to: list = setting(
+        [], "experiment trackers besides metrics.jsonl: any of tensorboard, wandb, csv (e.g. [tensorboard, csv])"
+    )
 
     def check(self, prefix: str) -> list[str]:
         if self.offload_activations and not self.gradient_checkpointing:
@@ -215,6 +230,7 @@ class TrainSettings(Section):
 class TrainConfig:
     model: str = setting("", "model directory: config.json + *.safetensors + tokenizer files", resume=True)
     output_dir: str = setting("runs/run", "run directory for adapter/, checkpoints/, metrics.jsonl")
+    revision: str = setting("", "hub revision (branch, tag or commit) when model is a hub id; empty: main", resume=True)
     trust_remote_code: bool = setting(False, "allow model code from the model directory (off unless you trust it)")
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -228,6 +244,11 @@ class TrainConfig:
             found.append("model is not set; give the path of a Hugging Face model directory")
         if for_training and not self.data.train:
             found.append("data.train is not set; give the path of a JSONL training file")
+        if for_training and (self.train.max_steps > 0) == (self.train.epochs > 0):
+            found.append(
+                "set exactly one of train.max_steps (optimizer steps) and train.epochs (passes over the data)"
+                + (f", not both ({self.train.max_steps} and {self.train.epochs})" if self.train.max_steps else "")
+            )
         for name in SECTIONS:
             found.extend(getattr(self, name).problems(f"{name}."))
         return found
