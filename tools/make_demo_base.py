@@ -38,8 +38,8 @@ from qlora_lite.data.encode import TokenizedDataset, build_dataset  # noqa: E402
 from qlora_lite.demo.base import BASE_ASSET, INFO_FILE, WEIGHTS_FILE, sha256_of  # noqa: E402
 from qlora_lite.demo.task import SAMPLE_WORDS, random_words, task_record  # noqa: E402
 from qlora_lite.io.atomic import atomic_dir, write_json_atomic  # noqa: E402
-from qlora_lite.training.loss import causal_lm_loss  # noqa: E402
-from qlora_lite.training.step import evaluate  # noqa: E402
+from qlora_lite.training.optim import AdapterOptimizer  # noqa: E402
+from qlora_lite.training.step import evaluate, train_step  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -57,24 +57,19 @@ def pretrain_base(steps: int = 400, seed: int = 0, progress: Callable[[int, int,
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", hidden_size=64, layers=2)).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-3, betas=(0.9, 0.98), weight_decay=0.0)
+    # the trainer's own step and optimizer, here over every (fp32) weight: full-precision pre-training
+    opt = AdapterOptimizer(model.parameters(), "adamw", lr=6e-3, betas=(0.9, 0.98), weight_decay=0.0)
     evals = build_dataset(
         [("copy", task_record("copy", w)) for w in random_words(rng, 64, set(SAMPLE_WORDS))], tokenizer, 32
     )
     model.train()
     for step in range(steps):
         lr = 6e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
         records = [("copy", task_record("copy", w)) for w in random_words(rng, 32, set(SAMPLE_WORDS))]
         batch = collate(build_dataset(records, tokenizer, 32).examples, 0)
-        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        result = train_step(model, opt, [batch], torch.device("cpu"), bf16=False, max_grad_norm=1.0, lr=lr)
         if progress is not None:
-            progress(step + 1, steps, float(loss.detach()))
+            progress(step + 1, steps, result.loss)
     copy_loss, _ = evaluate(model, evals, 64, 0, torch.device("cpu"), bf16=False)
     return model, tokenizer, evals, copy_loss
 
