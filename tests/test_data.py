@@ -205,13 +205,11 @@ def test_bad_data_names_file_line_and_field(tmp_path, tok, lines, pattern):
 
 
 def test_missing_file_and_hub_names(tmp_path):
-    with pytest.raises(DataError, match=r"data file .*nope.jsonl does not exist"):
+    """A missing file is named; a hub dataset id is read from the HF cache (tests/test_hub.py)."""
+    with pytest.raises(DataError, match=r"data file .*nope.jsonl does not exist; give the path of a JSONL file\.$"):
         load_records(tmp_path / "nope.jsonl")
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match=r"pip install datasets"):
-            load_records("someone/some-dataset")
+    with pytest.raises(DataError, match=r"data file nope does not exist; .* or a hub dataset id \(Org/Name\)\.$"):
+        load_records("nope")
 
 
 def test_chat_without_template_render_matches_generation_prompt(tok):
@@ -222,3 +220,13 @@ def test_chat_without_template_render_matches_generation_prompt(tok):
     assert full.startswith(prompt) and full[len(prompt) :] == "ABC</s>"
     ids = torch.tensor(_encode(tok, {"messages": messages + [{"role": "assistant", "content": "ABC"}]}).input_ids)
     assert ids[: len(prompt)].tolist() == tok(prompt, add_special_tokens=False).input_ids
+
+
+def test_prepare_data_puts_the_system_prompt_in_train_and_eval(tmp_path, tok):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = _write_jsonl(tmp_path / "chat.jsonl", [chat] * 4)
+    config = DataConfig(train=str(path), eval=str(path), max_seq_len=64, system_prompt="Be kind.")
+    train, evals = prepare_data(config, tok)
+    for ex in (*train.examples, *evals.examples):
+        assert tok.decode(ex.input_ids).startswith("<|system|>\nBe kind.<|user|>\nhi")
+        assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]) == "yo</s>"

@@ -16,7 +16,8 @@ def add_parser(sub: Any) -> None:
         description="Merge a LoRA adapter into its base model and write a plain fp16/bf16 Hugging Face model dir, "
         "streaming the base one tensor at a time.",
     )
-    p.add_argument("--base", required=True, help="base model directory")
+    p.add_argument("--base", required=True, help="base model directory or hub id (Org/Name, from the HF cache)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub-id --base (default: main)")
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     p.add_argument("--out", required=True, help="output directory for the merged model")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
@@ -41,14 +42,16 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     """Merge and write; with --verify compare logits (exit 1 when the merge is off)."""
     from ..export.hf_dir import run_export
+    from ..model.loader import check_model_dir
 
     out = console()
 
     def say(text: str) -> None:
         out.print(text, soft_wrap=True, markup=False)  # paths are neither wrapped nor read as markup
 
+    base = check_model_dir(args.base, args.revision)  # once: the merge and --verify read the same snapshot
     result = run_export(
-        args.base, args.adapter, args.out, args.dtype, args.merge_into,
+        base, args.adapter, args.out, args.dtype, args.merge_into,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     say(
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         return 0
     from ..export.verify import VERIFY_TOLERANCE, verify_merged
 
-    check = verify_merged(result.path, args.base, args.adapter)
+    check = verify_merged(result.path, base, args.adapter)
     say(
         f"verify: largest relative logit difference {check.max_rel:.2e}, mean {check.mean_rel:.2e} over {check.tokens} tokens "
         f"(merged {check.dtype} vs quantized base + adapter, {check.compute_dtype} compute)"

@@ -7,13 +7,14 @@ from typing import Any
 
 
 def add_model_arguments(p: Any) -> None:
-    """--model, --adapter, --device, --trust-remote-code and the sampling flags."""
+    """--model, --adapter, --revision, --device, --trust-remote-code and the sampling flags."""
     p.add_argument(
         "--model", required=True, help="base model (dir or hub id) with --adapter, or a merged / plain model dir"
     )
     p.add_argument(
         "--adapter", default=None, help="adapter dir (PEFT format); the base is quantized as the adapter records"
     )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub-id --model (default: main)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model dir")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most per answer")
@@ -45,4 +46,4 @@ def load(args: argparse.Namespace):
     """The model and tokenizer the flags name (`generate.load.LoadedModel`)."""
     from ..generate.load import load_for_generation
 
-    return load_for_generation(args.model, args.adapter, args.device, args.trust_remote_code)
+    return load_for_generation(args.model, args.adapter, args.device, args.trust_remote_code, args.revision)

@@ -1,4 +1,9 @@
-"""Reading training records: JSONL files, JSON arrays or Hugging Face `datasets` names, and each record's format.
+"""Reading training records: JSONL files, JSON arrays or hub datasets by id, and each record's format.
+
+A hub dataset (`Org/Name`, `Org/Name:split`) is a snapshot in the Hugging Face cache (`io.hub`, downloaded when
+allowed); its split's JSON / JSONL files are read here like local ones, Parquet ones through pyarrow when it is
+installed. The `datasets` library is not used: reading the files ourselves keeps the cache, offline mode, error
+messages and record locations the same as for models and local files.
 
 Records follow TRL's conventions, detected per record by `record_format`:
 - `{"text": ...}`: loss on every token;
@@ -20,6 +25,16 @@ from ..errors import DataError
 FORMATS = ("text", "prompt_completion", "messages")
 # A \uD800-\uDFFF escape: JSON allows it, but alone (not as a pair) it decodes to no character at all.
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Hub datasets: the split names `datasets` recognises in file names, and what separates words in a file path.
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+SEPARATOR = r"[/\-._ 0-9]"
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+METADATA_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
 
 
 def _parse(text: str, where: str, one_line: bool) -> object:
@@ -75,73 +90,172 @@ def _check_text(record: object, where: str) -> None:
         )
 
 
-def _hub_dataset(name: str) -> list[tuple[str, dict]] | None:
-    """Records of a Hugging Face `datasets` name ('org/name' or 'org/name:split'), or None if unavailable."""
-    try:
-        import datasets  # optional dependency
-    except ImportError:
-        return None
-    repo, _, split = name.partition(":")
-    try:
-        ds = datasets.load_dataset(repo, split=split or "train")
-    except Exception as exc:  # datasets raises many unrelated types (connection, file, value)
-        raise DataError(
-            f"the datasets library cannot load {name!r} ({str(exc).splitlines()[0][:160]}); check the name or use a local JSONL file."
-        ) from None
-    return [(f"{name}[{i}]", dict(row)) for i, row in enumerate(ds)]
+def _json_records(text: str, label: str, json_lines: bool) -> list[tuple[str, object]]:
+    """(location, value) pairs of a JSON array (`json_lines` False) or of JSON Lines."""
+    if not json_lines:
+        data = _parse(text, label, one_line=False)
+        if not isinstance(data, list):
+            raise DataError(
+                f"{label} holds a JSON {type(data).__name__}, not an array of records; write a list of objects or JSONL."
+            )
+        records: list[tuple[str, object]] = [(f"{label}[{i}]", rec) for i, rec in enumerate(data)]
+        if SURROGATE_ESCAPE.search(text) is not None:
+            for where, rec in records:
+                _check_text(rec, where)
+        return records
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{label} line {number}"
+        rec = _parse(line, where, one_line=True)
+        if SURROGATE_ESCAPE.search(line) is not None:
+            _check_text(rec, where)
+        records.append((where, rec))
+    return records
 
 
-def load_records(source: str | Path) -> list[tuple[str, dict]]:
-    """(location, record) pairs from a .jsonl file, a .json array, or a Hugging Face datasets name.
+def _read_file(path: Path, label: str, sniff: bool = False) -> list[tuple[str, dict]]:
+    """The records of one JSON / JSONL file, each located as `label line N` or `label[i]`.
 
-    The location ('file:line' or 'file[index]') is what error messages name.
-    """
-    path = Path(source)
-    if not path.exists():
-        looks_like_file = path.suffix in (".jsonl", ".json") or str(source).startswith((".", "/"))
-        records = None if looks_like_file else _hub_dataset(str(source))
-        if records is not None:
-            return records
-        hint = "" if looks_like_file else " (a Hugging Face dataset name needs `pip install datasets`)"
-        raise DataError(f"data file {source} does not exist{hint}; give the path of a JSONL file.")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; give the path of a .jsonl or .json data file.")
+    A `.json` file is an array unless `sniff` is set (hub datasets often hold JSON Lines in `.json` files): then
+    the content decides, as the `datasets` library does."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"data file {path} cannot be read ({exc.strerror or exc}); check its permissions.") from None
+        raise DataError(f"data file {label} cannot be read ({exc.strerror or exc}); check its permissions.") from None
     try:
         text = raw.decode("utf-8-sig")  # a leading byte-order mark is allowed and dropped
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"{path} line {line} is not UTF-8 text ({exc.reason} at byte {exc.start} of the file); save the file as UTF-8."
+            f"{label} line {line} is not UTF-8 text ({exc.reason} at byte {exc.start} of the file); save the file as UTF-8."
         ) from None
-    if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
-        data = _parse(text, str(path), one_line=False)
-        if not isinstance(data, list):
-            raise DataError(
-                f"{path} holds a JSON {type(data).__name__}, not an array of records; write a list of objects or JSONL."
-            )
-        records = [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
-        if SURROGATE_ESCAPE.search(text) is not None:
-            for where, rec in records:
-                _check_text(rec, where)
+    is_array = text.lstrip().startswith("[")
+    if path.suffix == ".jsonl":
+        json_lines = True
+    elif path.suffix == ".json":
+        json_lines = sniff and not is_array
     else:
-        records = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            rec = _parse(line, where, one_line=True)
-            if SURROGATE_ESCAPE.search(line) is not None:
-                _check_text(rec, where)
-            records.append((where, rec))
+        json_lines = not is_array
+    records = _json_records(text, label, json_lines)
+    _check_objects(records)
+    return records  # type: ignore[return-value]
+
+
+def _check_objects(records: list[tuple[str, object]]) -> None:
+    """Refuse a record that is not a JSON object, naming where it is."""
     for where, rec in records:
         if not isinstance(rec, dict):
             raise DataError(
                 f'{where} is a JSON {type(rec).__name__}, not an object; each record must be an object such as {{"text": ...}}.'
             )
+
+
+def _named(stem: str, words: tuple[str, ...]) -> bool:
+    """Whether a file path (without its extension) carries one of `words` as a whole word, as `datasets` reads it."""
+    alternatives = "|".join(re.escape(w) for w in words)
+    return re.search(rf"(?:^|{SEPARATOR})(?:{alternatives})(?:{SEPARATOR}|$)", stem) is not None
+
+
+def hub_split_files(folder: Path, split: str, repo: str) -> list[str]:
+    """The files of `split` in a hub dataset snapshot, as sorted paths relative to it.
+
+    A file belongs to a split when its path names it as a word (`train.jsonl`, `data/train-00000-of-00002.jsonl`,
+    `alpaca_train.json`, `train/part-1.jsonl`; `validation` also answers to valid/dev/val, `test` to eval). A
+    dataset whose files name no split at all is one train split. JSON / JSONL files are read in preference to
+    Parquet ones of the same split (repos holding both hold the same rows twice)."""
+    files = sorted(
+        rel.as_posix()
+        for rel in (p.relative_to(folder) for p in folder.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+        if rel.name not in METADATA_FILES and not any(part.startswith(".") for part in rel.parts)
+    )
+    if not files:
+        raise DataError(
+            f"dataset {repo} has no JSON, JSONL or Parquet files ({folder}); qlora-lite reads only those, so convert "
+            "it to JSONL and give the file's path."
+        )
+    stems = {f: f.rsplit(".", 1)[0] for f in files}
+    chosen = [f for f in files if _named(stems[f], SPLIT_KEYWORDS.get(split, (split,)))]
+    named = [name for name, words in SPLIT_KEYWORDS.items() if any(_named(stem, words) for stem in stems.values())]
+    if not chosen and split == "train" and not named:
+        chosen = files  # no split names at all: every file is the train split, as in `datasets`
+    if not chosen:
+        shown = ", ".join(files[:6]) + (", ..." if len(files) > 6 else "")
+        hint = f"its file names carry the splits {', '.join(named)}" if named else f"its files are {shown}"
+        raise DataError(f"dataset {repo} has no {split!r} split ({hint}); name one of its splits as {repo}:SPLIT.")
+    text_files = [f for f in chosen if not f.endswith(".parquet")]
+    return text_files or chosen
+
+
+def _parquet_records(path: Path, label: str) -> list[tuple[str, dict]]:
+    """The rows of a Parquet file as records; needs pyarrow (installed with the `datasets` extra)."""
+    try:
+        import pyarrow.parquet as pq  # optional: comes with `datasets`
+    except ImportError:
+        raise DataError(
+            f"{label} is a Parquet file, which needs pyarrow; install the datasets extra "
+            "(`pip install 'qlora-lite[datasets]'`) or convert the dataset to JSONL."
+        ) from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{label} cannot be read as Parquet ({first[:160]}); download the dataset again or convert it to JSONL."
+        ) from None
+    records: list[tuple[str, object]] = [(f"{label}[{i}]", row) for i, row in enumerate(rows)]
+    _check_objects(records)
+    return records  # type: ignore[return-value]
+
+
+def hub_dataset_name(source: str) -> tuple[str, str] | None:
+    """(repo id, split) when `source` reads as a hub dataset (`Org/Name` or `Org/Name:split`), else None."""
+    from ..io.hub import looks_like_hub_id
+
+    repo, colon, split = source.partition(":")
+    if not looks_like_hub_id(repo) or (colon and not SPLIT_NAME.fullmatch(split)):
+        return None
+    return repo, split or "train"
+
+
+def _hub_records(repo: str, split: str) -> list[tuple[str, dict]]:
+    """The records of one split of a hub dataset, read from its JSON / JSONL (or, with pyarrow, Parquet) files."""
+    from ..io.hub import resolve_dataset_dir
+
+    folder = resolve_dataset_dir(repo)
+    files = hub_split_files(folder, split, repo)
+    records: list[tuple[str, dict]] = []
+    for rel in files:
+        label = f"{repo}/{rel}"
+        if rel.endswith(".parquet"):
+            records.extend(_parquet_records(folder / rel, label))
+        else:
+            records.extend(_read_file(folder / rel, label, sniff=True))
+    if not records:
+        raise DataError(
+            f"the {split} split of dataset {repo} holds no records ({', '.join(files)}); pick another split."
+        )
+    return records
+
+
+def load_records(source: str | Path) -> list[tuple[str, dict]]:
+    """(location, record) pairs from a .jsonl file, a .json array, or a hub dataset id (`Org/Name[:split]`).
+
+    A hub dataset resolves through the Hugging Face cache (`io.hub.resolve_dataset_dir`); its split's files are
+    picked by name (`hub_split_files`). The location ('file line N' or 'file[index]') is what error messages name.
+    """
+    path = Path(source)
+    if not path.exists():
+        looks_like_file = path.suffix in (".jsonl", ".json") or str(source).startswith((".", "/"))
+        hub = None if looks_like_file else hub_dataset_name(str(source))
+        if hub is not None:
+            return _hub_records(*hub)
+        other = "" if looks_like_file else " or a hub dataset id (Org/Name)"
+        raise DataError(f"data file {source} does not exist; give the path of a JSONL file{other}.")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give the path of a .jsonl or .json data file.")
+    records = _read_file(path, str(path))
     if not records:
         raise DataError(f"{path} holds no records; add at least one JSON object.")
     return records

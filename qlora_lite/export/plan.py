@@ -231,15 +231,18 @@ def plan_export(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> ExportPlan:
-    """Check every input and decide the output layout from headers alone; raises before anything is written."""
+    """Check every input and decide the output layout from headers alone; raises before anything is written.
+
+    `revision` (branch, tag or commit) picks the snapshot of a hub-id base."""
     from ..model.loader import check_model_dir
 
     out_dtype = _check_options(dtype, merge_into)
     max_bytes = _max_shard_bytes(max_shard_size)
     if not isinstance(out_dir, (str, os.PathLike)):
         raise ExportError(f"the output directory must be a path (str or Path), not {type(out_dir).__name__}.")
-    base_dir = check_model_dir(base_path)
+    base_dir = check_model_dir(base_path, revision)
     shards = [SafetensorsFile(p) for p in weight_files(base_dir)]
     config, adapter = read_adapter(adapter_dir)
     loras = _lora_index(adapter, config)

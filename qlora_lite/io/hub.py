@@ -4,7 +4,9 @@
 goes through `huggingface_hub.snapshot_download`, which answers from the cache (`HF_HOME` / `HF_HUB_CACHE`) and
 downloads what is missing when the network is allowed, with its own progress bar. Offline mode is the user's
 choice (`HF_HUB_OFFLINE=1`), read at call time and never forced. Only the files a QLoRA run needs are fetched:
-config, safetensors shards and tokenizer files, never pickled `*.bin` weights.
+config, safetensors shards and tokenizer files, never pickled `*.bin` weights. `revision` (a branch, tag or commit;
+None for main) picks the snapshot. `resolve_dataset_dir` does the same for a dataset repo's JSON / JSONL / Parquet
+files; `data/records` picks a split's files and reads them.
 """
 
 from __future__ import annotations

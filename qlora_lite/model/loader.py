@@ -62,12 +62,12 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def check_model_dir(model_path: str | Path) -> Path:
-    """The model directory as a Path (a hub id resolves through the HF cache), or a `ModelLoadError` saying
-    what is missing."""
+def check_model_dir(model_path: str | Path, revision: str | None = None) -> Path:
+    """The model directory as a Path (a hub id resolves through the HF cache, at `revision`: a branch, tag or
+    commit, None or "" for main), or a `ModelLoadError` saying what is missing."""
     from ..io.hub import resolve_model_dir
 
-    model_dir = resolve_model_dir(model_path)
+    model_dir = resolve_model_dir(model_path, revision or None)
     if not model_dir.exists():
         raise ModelLoadError(
             f"model directory {model_dir} does not exist; give the path of a Hugging Face model directory."

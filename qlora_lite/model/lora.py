@@ -4,6 +4,9 @@
 The base is a bitsandbytes `Linear4bit` / `Linear8bitLt` (or a plain linear); its forward multiplies by
 the packed weight and its backward re-dequantizes it, so no dequantized copy is kept for backward.
 A is Kaiming-uniform (a = sqrt(5)) and B is zero, as in peft, so a fresh adapter leaves outputs unchanged.
+`apply_lora` turns the model's transformers `save_pretrained` (and so `push_to_hub`) into a refusal: it would write
+the LoRA-wrapped layers under names transformers does not know, a checkpoint that loads with every adapted weight
+missing. `save_adapter` and `export_merged` (in `export/`, above this layer) are the two ways to save.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config.settings import LoraConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 from .arguments import check_lora_arguments
 from .quant import COMPUTE_DTYPE
 from .targets import TargetSpec, resolve_targets
@@ -84,6 +87,15 @@ class LoraSettings:
     targets: list[str] = field(default_factory=list)
 
 
+def refuse_save_pretrained(*args: object, **kwargs: object) -> None:
+    """What `save_pretrained` is on a model `apply_lora` adapted: a refusal naming the two ways to save it."""
+    raise ExportError(
+        "save_pretrained cannot save a qlora-lite model, whose LoRA layers transformers would load as missing "
+        "weights; save the adapter with qlora_lite.save_adapter(model, dir) (PEFT format) or write a merged fp16 "
+        "model with qlora_lite.export_merged(base, adapter, out)."
+    )
+
+
 def apply_lora(
     model: nn.Module,
     r: int = 16,
@@ -99,7 +111,7 @@ def apply_lora(
 
     Raises `ConfigError` for an argument of the wrong type (a model that is not a torch module, r=2.5,
     alpha="32", ...), r <= 0, a non-finite alpha, r larger than a layer's smaller side, or targets that match
-    nothing.
+    nothing. Afterwards the model's `save_pretrained` raises `ExportError` pointing at `save_adapter` / `export_merged`.
     """
     check_lora_arguments(model, r, alpha, dropout, target_modules, rslora, adapter_dtype, seed)
     if isinstance(target_modules, tuple):
@@ -133,6 +145,8 @@ def apply_lora(
         if seed is not None:
             torch.random.set_rng_state(generator_state)
     model.qlora_lora = LoraSettings(config=settings, targets=targets)
+    if callable(getattr(model, "save_pretrained", None)):  # on this instance only; the class is left alone
+        model.save_pretrained = refuse_save_pretrained
     return model
 
 
