@@ -134,4 +134,18 @@ CASES: list[Case] = [
         "checkpoint ./run/checkpoints/step-2 has a trainer_state.json without the step, data position or logging "
         "window; delete this checkpoint to resume from an older one.",
     ),
+    Case(
+        "train-chat-template-unknown-name",
+        "a data.chat_template that is neither a known template name nor a file",
+        lambda ws: ws.train(data__chat_template="chatlm"),
+        "data.chat_template is 'chatlm', which is neither a known template (did you mean 'chatml'?) nor an existing "
+        "file; use chatml, fallback or llama3, or the path of a Jinja file.",
+    ),
+    Case(
+        "train-chat-template-does-not-render",
+        "a data.chat_template Jinja file with a syntax error",
+        lambda ws: ws.train(data__chat_template=str(ws.write("chat.jinja", "{% for m in messages %}{{ m.content }}"))),
+        "data.chat_template ./chat.jinja cannot render a conversation (Unexpected end of template); fix the template "
+        "or use chatml, fallback or llama3.",
+    ),
 ]

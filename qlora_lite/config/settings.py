@@ -165,7 +165,7 @@ class DataConfig(Section):
     packing: bool = setting(False, "pack several records into each max_seq_len sequence", resume=True)
     chat_template: str = setting(
         "",
-        "chat template for messages records: a Jinja file, or a known name (see data.chat); "
+        "chat template for messages records: a Jinja file, or a known name: chatml, llama3, fallback; "
         "empty: the tokenizer's own, else a plain fallback",
         resume=True,
     )

@@ -2,7 +2,7 @@
 
 Labels by format (see `records.py`): `text` trains on every token (EOS appended); `prompt_completion` on the
 completion and the EOS appended to it; `messages` on the assistant turns, rendered through the chat template
-(`chat.py`).
+(`chat.py`), with `data.system_prompt` as a first system turn where a record has none (no loss on it).
 
 Masks are computed on characters and mapped to tokens through the tokenizer's offset mapping, so the
 tokens trained on are exactly the tokens the model sees when the same text is tokenized whole (no
@@ -22,7 +22,7 @@ import torch
 from ..config.settings import DataConfig
 from ..errors import DataError
 from .batching import IGNORE_INDEX
-from .chat import render_chat
+from .chat import render_chat, with_system_turn
 from .records import load_records, record_format
 
 
@@ -93,8 +93,9 @@ def _append_eos(tokenizer, ids: list[int], labels: list[int], train_on_it: bool)
         labels.append(eos if train_on_it else IGNORE_INDEX)
 
 
-def encode_record(record: dict, tokenizer, fmt: str, where: str) -> Example:
-    """Tokenize one record (no truncation) with the labels of its format."""
+def encode_record(record: dict, tokenizer, fmt: str, where: str, system_prompt: str = "") -> Example:
+    """Tokenize one record (no truncation) with the labels of its format; a `messages` record without a system turn
+    gets one holding `system_prompt` first (when not empty)."""
     if fmt == "text":
         ids, labels = _tokenize_with_mask(tokenizer, record["text"], [(0, len(record["text"]))], True, where)
         _append_eos(tokenizer, ids, labels, True)
@@ -105,7 +106,9 @@ def encode_record(record: dict, tokenizer, fmt: str, where: str) -> Example:
         ids, labels = _tokenize_with_mask(tokenizer, text, [(len(prompt), len(text))], True, where)
         _append_eos(tokenizer, ids, labels, True)
         return Example(ids, labels, where)
-    messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    messages = with_system_turn(
+        [{"role": m["role"], "content": m["content"]} for m in record["messages"]], system_prompt
+    )
     try:
         full = render_chat(tokenizer, messages)
         spans = []
@@ -158,16 +161,22 @@ def _pack(examples: list[Example], max_seq_len: int) -> list[Example]:
 
 
 def build_dataset(
-    records: Iterable[tuple[str, dict]], tokenizer, max_seq_len: int, truncation: bool = True, packing: bool = False
+    records: Iterable[tuple[str, dict]],
+    tokenizer,
+    max_seq_len: int,
+    truncation: bool = True,
+    packing: bool = False,
+    system_prompt: str = "",
 ) -> TokenizedDataset:
-    """Tokenize records, truncate (or refuse) long ones, drop ones left without a target, optionally pack."""
+    """Tokenize records, truncate (or refuse) long ones, drop ones left without a target, optionally pack;
+    `system_prompt` opens `messages` records that have no system turn."""
     stats = DatasetStats(packed=packing)
     examples: list[Example] = []
     for where, record in records:
         stats.records += 1
         fmt = record_format(record, where)
         stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
-        ex = encode_record(record, tokenizer, fmt, where)
+        ex = encode_record(record, tokenizer, fmt, where, system_prompt)
         if len(ex) > max_seq_len:
             if not truncation:
                 raise DataError(
@@ -215,8 +224,12 @@ def prepare_data(config: DataConfig, tokenizer, seed: int = 0) -> tuple[Tokenize
         eval_records = load_records(config.eval)
     elif config.eval_fraction > 0:
         records, eval_records = split_records(records, config.eval_fraction, seed)
-    train = build_dataset(records, tokenizer, config.max_seq_len, config.truncation, config.packing)
+    train = build_dataset(
+        records, tokenizer, config.max_seq_len, config.truncation, config.packing, system_prompt=config.system_prompt
+    )
     evals = None
     if eval_records is not None:
-        evals = build_dataset(eval_records, tokenizer, config.max_seq_len, config.truncation, packing=False)
+        evals = build_dataset(
+            eval_records, tokenizer, config.max_seq_len, config.truncation, False, system_prompt=config.system_prompt
+        )
     return train, evals

@@ -1,4 +1,5 @@
-"""The merged Hugging Face model dir: shards streamed through the merge, index, config.json and tokenizer files.
+"""The merged Hugging Face model dir: shards streamed through the merge, index, config.json and tokenizer files
+(the adapter's own when it has them: they carry the chat template training used; else the base's).
 
 The base checkpoint is streamed tensor by tensor. Each shard's header is written first (the plan knows every
 name, shape and offset) and every tensor is computed, written and dropped before the next one is read:
@@ -22,11 +23,23 @@ from .merge import _copied_tensor, _merged_tensor
 from .plan import DEFAULT_MAX_SHARD_SIZE, ExportPlan, ExportResult, _check_out_dir, _Item, plan_export
 
 INDEX_NAME = "model.safetensors.index.json"
+# Copied from the base, except the tokenizer's (all but generation_config.json), which come from the adapter dir
+# when it holds a tokenizer (training saves the one it used there, with its chat template).
 AUX_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
     "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
+# The tokenizer's vocabulary files: from the base when the adapter's tokenizer was saved without them (the same
+# vocabulary; a sentencepiece tokenizer.model is what converters such as llama.cpp's read).
+VOCAB_FILES = ("tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt")
+
+
+def tokenizer_files_source(base_dir: Path, adapter_dir: Path) -> Path:
+    """Where the merged dir's tokenizer files come from: the adapter dir when it holds a tokenizer, else the base."""
+    from ..model.loader import TOKENIZER_FILES
+
+    return adapter_dir if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES) else base_dir
 
 
 def merged_config(config: dict, dtype: torch.dtype) -> dict:
@@ -63,9 +76,13 @@ def _write_output(plan: ExportPlan, tmp: Path, device: torch.device) -> None:
         total = sum(item.nbytes for item in plan.items)
         write_json_atomic(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json_atomic(tmp / "config.json", merged_config(plan.config, plan.dtype))
+    tokenizer_dir = tokenizer_files_source(plan.base_dir, plan.adapter_dir)
     for aux in AUX_FILES:
-        if (plan.base_dir / aux).is_file():
-            _copy_file(plan.base_dir / aux, tmp / aux)
+        src = plan.base_dir if aux == "generation_config.json" else tokenizer_dir
+        if not (src / aux).is_file() and aux in VOCAB_FILES:
+            src = plan.base_dir
+        if (src / aux).is_file():
+            _copy_file(src / aux, tmp / aux)
 
 
 def run_export(
@@ -79,11 +96,12 @@ def run_export(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> ExportResult:
     """`export_merged` returning what it wrote (shards, bytes, quantization settings used)."""
     plan = plan_export(
         base_path, adapter_dir, out_dir, dtype, merge_into,
-        max_shard_size=max_shard_size, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        max_shard_size=max_shard_size, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision,
     )  # fmt: skip
     # Quantize where training did (CUDA when present), so the bytes match the trained model's.
     device = (
@@ -125,6 +143,7 @@ def export_merged(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> Path:
     """Merge a LoRA adapter into its base and write a plain fp16/bf16 Hugging Face model dir; returns its path.
 
@@ -132,10 +151,12 @@ def export_merged(
     adapter was trained against) or `W + scaling·B·A` (merge_into="original"), computed in fp32 and cast to
     `dtype`. Other tensors are cast and copied. The base is streamed one tensor at a time, the output is
     sharded past `max_shard_size`, and `out_dir` appears only when complete (`overwrite` replaces a non-empty one).
+    A hub-id `base_path` resolves through the Hugging Face cache at `revision` (branch, tag or commit; default main).
     """
     return run_export(
         base_path, adapter_dir, out_dir, dtype, merge_into,
         max_shard_size=max_shard_size, overwrite=overwrite, device=device, trust_remote_code=trust_remote_code,
+        revision=revision,
     ).path  # fmt: skip
 
 

@@ -36,16 +36,17 @@ def load_for_generation(
     adapter: str | Path | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load what `chat` and `generate` talk to.
 
     With `adapter`, `model` is the base: it is quantized with the settings the adapter recorded (as in training)
     and the adapter is loaded on top. Without, `model` is a merged export or any plain model dir (or hub id),
-    loaded in bf16 from safetensors.
+    loaded in bf16 from safetensors. `revision` (branch, tag or commit) picks the snapshot of a hub-id `model`.
     """
     from ..model.loader import check_model_dir, default_device, load_quantized
 
-    model_dir = check_model_dir(model)
+    model_dir = check_model_dir(model, revision)
     device = torch.device(device) if device is not None else default_device()
     if adapter is not None:
         from ..export.adapter import (

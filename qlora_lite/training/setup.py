@@ -1,14 +1,15 @@
-"""Everything a run needs before its first step: tokenizer, data, the quantized model with LoRA and
-checkpointing, and the adapter optimizer. Tokenizer, context length and data come first, so bad data fails in
-seconds, before a large base loads."""
+"""Everything a run needs before its first step: tokenizer (with the chat template the run uses), data, the
+quantized model with LoRA and checkpointing, and the adapter optimizer. Tokenizer, context length and data come
+first, so bad data fails in seconds, before a large base loads."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..config.settings import TrainConfig
+from ..config.settings import DataConfig, TrainConfig
+from ..data.chat import FALLBACK_CHAT_TEMPLATE, check_chat_template, read_chat_template, with_default_system
 from ..data.encode import TokenizedDataset, prepare_data
 from ..errors import ConfigError, DataError
 from ..model import loader
@@ -26,12 +27,50 @@ class RunParts:
     eval_data: TokenizedDataset | None
     model: torch.nn.Module
     optimizer: AdapterOptimizer
+    notices: list[str] = field(default_factory=list)  # said at the start of the run (Reporter.on_start)
+
+
+FALLBACK_NOTICE = (
+    "the tokenizer has no chat template, so messages records use qlora-lite's fallback template; it is saved with "
+    "the adapter and the merged export so chat and generate format conversations the same way (set "
+    "data.chat_template to choose another)"
+)
+
+
+def _uses_messages(*datasets: TokenizedDataset | None) -> bool:
+    return any(ds is not None and ds.stats.formats.get("messages") for ds in datasets)
+
+
+def choose_chat_template(data: DataConfig, tokenizer) -> None:
+    """Set `tokenizer.chat_template` to what `data.chat_template` names (checked to render); empty keeps the
+    tokenizer's own. Raises `ConfigError` naming the setting."""
+    if data.chat_template:
+        template = read_chat_template(data.chat_template)
+        check_chat_template(tokenizer, template, f"data.chat_template {data.chat_template}")
+        tokenizer.chat_template = template
+
+
+def finish_chat_template(data: DataConfig, tokenizer, uses_messages: bool) -> list[str]:
+    """After the data is encoded: the fallback becomes the tokenizer's template when messages records used it, and
+    `data.system_prompt` is built into the template, so the adapter and the export carry what training rendered.
+    Returns the notices to show at the start of the run."""
+    notices = []
+    if uses_messages and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        notices.append(FALLBACK_NOTICE)
+    template = getattr(tokenizer, "chat_template", None)
+    if data.system_prompt and template:
+        if isinstance(template, dict):  # several named templates: each gets the default system turn
+            tokenizer.chat_template = {k: with_default_system(v, data.system_prompt) for k, v in template.items()}
+        else:
+            tokenizer.chat_template = with_default_system(template, data.system_prompt)
+    return notices
 
 
 def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
     """Tokenizer and data (checked first), then the quantized base with LoRA, checkpointing and the optimizer."""
     s = config.train
-    model_dir = loader.check_model_dir(config.model)
+    model_dir = loader.check_model_dir(config.model, config.revision)
     model_config = loader.load_config(model_dir, config.trust_remote_code)  # before the tokenizer, which reads it too
     tokenizer = loader.load_tokenizer_from(model_dir, config.trust_remote_code)
     if tokenizer is None:
@@ -51,7 +90,9 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
             f"data.max_seq_len is {config.data.max_seq_len}, longer than the model's context of {context} tokens; "
             f"set data.max_seq_len <= {context}."
         )
+    choose_chat_template(config.data, tokenizer)
     train_ds, eval_ds = prepare_data(config.data, tokenizer, s.seed)
+    notices = finish_chat_template(config.data, tokenizer, _uses_messages(train_ds, eval_ds))
     q, lc = config.quant, config.lora
     model, _ = loader.load_quantized(
         model_dir, q.bits, q.quant_type, q.double_quant, device, lc.target_modules, blocksize=q.blocksize,
@@ -65,4 +106,4 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
         enable_gradient_checkpointing(model, offload=s.offload_activations)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
-    return RunParts(tokenizer, train_ds, eval_ds, model, optimizer)
+    return RunParts(tokenizer, train_ds, eval_ds, model, optimizer, notices)
