@@ -353,3 +353,21 @@ __all__ = [
     "adapter_quant_settings",
     "adapter_quantized_modules",
 ]
+
+
+def load_base_with_adapter(
+    base: str | Path, adapter_dir: str | Path, device: str | torch.device | None = None, trust_remote_code: bool = False
+) -> tuple[nn.Module, QuantConfig]:
+    """The base quantized exactly as the adapter records (settings and quantized modules), with the adapter loaded
+    on top, in eval mode; and those quantization settings. What `verify` compares against and `chat` talks to."""
+    from ..model.loader import load_quantized
+
+    config = read_adapter_config(adapter_dir)
+    settings, _ = adapter_quant_settings(config)
+    targets = adapter_quantized_modules(config) or config["target_modules"]
+    model, _ = load_quantized(
+        base, bits=settings.bits, quant_type=settings.quant_type, double_quant=settings.double_quant, device=device,
+        target_modules=targets, blocksize=settings.blocksize, int8_threshold=settings.int8_threshold,
+        trust_remote_code=trust_remote_code, load_tokenizer=False,
+    )  # fmt: skip
+    return load_adapter(model, adapter_dir), settings

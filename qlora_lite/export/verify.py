@@ -87,18 +87,9 @@ def reference_logits(
     compute_dtype: str = "float32",
 ) -> torch.Tensor:
     """Logits (as fp32) of the quantized base + adapter, quantized as recorded in the adapter, in eval mode."""
-    from ..model.loader import load_quantized
-    from .adapter import adapter_quant_settings, adapter_quantized_modules, load_adapter, read_adapter_config
+    from .adapter import load_base_with_adapter
 
-    config = read_adapter_config(adapter_dir)
-    settings, _ = adapter_quant_settings(config)
-    targets = adapter_quantized_modules(config) or config["target_modules"]
-    model, _ = load_quantized(
-        base_path, bits=settings.bits, quant_type=settings.quant_type, double_quant=settings.double_quant,
-        device=device, target_modules=targets, blocksize=settings.blocksize,
-        int8_threshold=settings.int8_threshold, load_tokenizer=False,
-    )  # fmt: skip
-    load_adapter(model, adapter_dir)
+    model, _ = load_base_with_adapter(base_path, adapter_dir, device)
     if compute_dtype == "float32":
         _compute_in_fp32(model)
         _restore_checkpoint_precision(model, base_path)

@@ -44,28 +44,15 @@ def load_for_generation(
     and the adapter is loaded on top. Without, `model` is a merged export or any plain model dir (or hub id),
     loaded in bf16 from safetensors. `revision` (branch, tag or commit) picks the snapshot of a hub-id `model`.
     """
-    from ..model.loader import check_model_dir, default_device, load_quantized
+    from ..model.loader import check_model_dir, default_device
 
     model_dir = check_model_dir(model, revision)
     device = torch.device(device) if device is not None else default_device()
     if adapter is not None:
-        from ..export.adapter import (
-            adapter_quant_settings,
-            adapter_quantized_modules,
-            load_adapter,
-            read_adapter_config,
-        )
+        from ..export.adapter import load_base_with_adapter
 
         adapter_dir = Path(adapter)
-        config = read_adapter_config(adapter_dir)
-        settings, _ = adapter_quant_settings(config)
-        targets = adapter_quantized_modules(config) or config["target_modules"]
-        net, _ = load_quantized(
-            model_dir, bits=settings.bits, quant_type=settings.quant_type, double_quant=settings.double_quant,
-            device=device, target_modules=targets, blocksize=settings.blocksize,
-            int8_threshold=settings.int8_threshold, trust_remote_code=trust_remote_code, load_tokenizer=False,
-        )  # fmt: skip
-        load_adapter(net, adapter_dir)
+        net, settings = load_base_with_adapter(model_dir, adapter_dir, device, trust_remote_code)
         description = f"{model_dir} ({settings.bits}-bit) + adapter {adapter_dir}"
     else:
         adapter_dir = None
