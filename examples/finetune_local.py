@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 
 import qlora_lite
-from qlora_lite.cli.progress import RichReporter, summary_table
 from qlora_lite.config.load import load_config
 from qlora_lite.errors import QloraLiteError
+from qlora_lite.training.progress import RichReporter, summary_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         memory_check(config, console, args.force)
-        reporter = RichReporter(console, title="QLoRA", log_every=config.train.log_every)
+        reporter = RichReporter(console, title="QLoRA")
         try:
             result = qlora_lite.train(config, resume=args.resume, reporter=reporter)
         finally:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from rich.table import Table
 
     from ..demo.run import run_demo
-    from .progress import RichReporter, summary_table
+    from ..training.progress import RichReporter, summary_table
 
     console = make_console()
     reporter = RichReporter(console, title="QLoRA")

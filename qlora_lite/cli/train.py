@@ -35,11 +35,11 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     """Train from the YAML config with the overrides; print the summary."""
     from ..config.load import load_config
     from ..training.loop import train
-    from .progress import RichReporter, summary_table
+    from ..training.progress import RichReporter, summary_table
 
     config = load_config(args.config, overrides)
     out = console()
-    reporter = RichReporter(out, title="train", log_every=config.train.log_every)
+    reporter = RichReporter(out, title="train")
     try:
         result = train(config, resume=args.resume, reporter=reporter, allow_data_change=args.allow_data_change)
     finally:

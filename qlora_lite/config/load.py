@@ -210,7 +210,12 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None, for_t
     data = apply_overrides(data, overrides or {})
     config = config_from_dict(data)
     base = path.parent
-    for holder, name in ((config, "model"), (config.data, "train"), (config.data, "eval"), (config.data, "chat_template")):
+    for holder, name in (
+        (config, "model"),
+        (config.data, "train"),
+        (config.data, "eval"),
+        (config.data, "chat_template"),
+    ):
         value = getattr(holder, name)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
             setattr(holder, name, str(base / value))

@@ -2,11 +2,12 @@
 
 A checkpoint (`checkpoints/step-N/`) holds the PEFT adapter, optimizer.pt (fp32 masters + inner AdamW state,
 tensors only, loaded with `weights_only=True`), rng.safetensors, trainer_state.json (step, data position,
-schedule, logging window, the settings fingerprint, the data files' sizes and sha256) and a `COMPLETE` marker
-written last, listing every file with its size and sha256.
+schedule, logging window, tokens and loss-carrying tokens so far, the settings fingerprint, the data files' sizes
+and sha256) and a `COMPLETE` marker written last, listing every file with its size and sha256.
 
 Resume policy: a changed fingerprinted setting is refused; a changed data file is refused unless the caller
-allows it; a changed schedule setting (max_steps, lr, warmup_steps, schedule) is allowed and said.
+allows it; a changed schedule setting (max_steps or the length epochs makes, lr, warmup_steps, schedule) is
+allowed and said.
 """
 
 from __future__ import annotations
@@ -106,11 +107,24 @@ def check_resume_data(state: dict, now: dict, path: Path, allow_change: bool) ->
     return notices
 
 
-def schedule_notices(state: dict, s: TrainSettings, path: Path) -> list[str]:
-    """What a resumed run's changed schedule settings change, one notice each; `ConfigError` for a max_steps
-    below the checkpoint's step (the run would end already past it)."""
-    step = state["step"]
-    if s.max_steps < step:
+def schedule_notices(
+    state: dict, s: TrainSettings, path: Path, steps: int | None = None, per_epoch: int | None = None
+) -> list[str]:
+    """What a resumed run's changed schedule settings change, one notice each; `ConfigError` for a run length
+    below the checkpoint's step (the run would end already past it).
+
+    `steps` is this run's length (default `train.max_steps`; with `train.epochs`, `schedule.run_steps`), and
+    `per_epoch` its micro-batches per epoch (to say which `train.epochs` reaches the checkpoint).
+    """
+    step, steps = state["step"], s.max_steps if steps is None else steps
+    by_epochs = s.max_steps <= 0
+    if steps < step:
+        if by_epochs:
+            least = f"{step * s.grad_accum / per_epoch:.4g} or more" if per_epoch else "higher"
+            raise ConfigError(
+                f"train.epochs = {s.epochs!r} makes a run of {steps} steps but checkpoint {path} is at step {step}; "
+                f"set train.epochs to {least}, or take the adapter of an earlier checkpoint."
+            )
         raise ConfigError(
             f"train.max_steps is {s.max_steps} but checkpoint {path} is at step {step}; set train.max_steps to "
             f"{step} or more, or take the adapter of an earlier checkpoint."
@@ -118,22 +132,36 @@ def schedule_notices(state: dict, s: TrainSettings, path: Path) -> list[str]:
     saved = state.get("schedule") if isinstance(state.get("schedule"), dict) else {}
     notices = []
     old = saved.get("max_steps")
-    if old is not None and old != s.max_steps:
-        first = max(step + 1, s.warmup_steps + 2)  # the cosine's progress is 0 at warmup + 1 whatever max_steps is
-        if s.max_steps == step:
+    if isinstance(old, int) and old != steps:
+        what = (
+            f"the run's length (train.epochs = {s.epochs!r}) changed from {old} to {steps} steps"
+            if by_epochs
+            else f"train.max_steps changed from {old} to {steps}"
+        )
+        # a warmup longer than the run is clipped to its length (schedule.warmup_for), so the length can move it
+        saved_warmup = saved.get("warmup_steps") if isinstance(saved.get("warmup_steps"), int) else s.warmup_steps
+        warmup_then, warmup_now = min(saved_warmup, old), min(s.warmup_steps, steps)
+        first = max(step + 1, warmup_now + 2)  # the cosine's progress is 0 at warmup + 1 whatever the length is
+        if steps == step:
             notices.append(
-                f"train.max_steps changed from {old} to {s.max_steps}, the step of checkpoint {path.name}: no step is "
-                "left to run, so only the final adapter is written"
+                f"{what}, the step of checkpoint {path.name}: no step is left to run, so only the final adapter "
+                "is written"
             )
-        elif s.schedule == "cosine" and first <= s.max_steps:
+        elif warmup_then != warmup_now and saved_warmup == s.warmup_steps:
             notices.append(
-                f"train.max_steps changed from {old} to {s.max_steps}: the cosine schedule now decays over "
-                f"{s.max_steps} steps, so the learning rate from step {first} on differs from the first run's"
+                f"{what}: train.warmup_steps = {s.warmup_steps} is clipped to the run's length, so the warmup now "
+                f"spans {warmup_now} steps instead of {warmup_then} and the learning rate from step {step + 1} on "
+                "differs from the first run's"
+            )
+        elif s.schedule == "cosine" and first <= steps:
+            notices.append(
+                f"{what}: the cosine schedule now decays over {steps} steps, so the learning rate from step "
+                f"{first} on differs from the first run's"
             )
         else:
             notices.append(
-                f"train.max_steps changed from {old} to {s.max_steps}: the {s.schedule} schedule does not depend on it "
-                f"for steps {step + 1} to {s.max_steps}, so only the run's length changes"
+                f"{what}: the {s.schedule} schedule does not depend on it for steps {step + 1} to {steps}, so only "
+                "the run's length changes"
             )
     names = {"name": "schedule", "lr": "lr", "warmup_steps": "warmup_steps"}
     for key, name in names.items():
@@ -234,6 +262,9 @@ def read_trainer_state(path: Path) -> dict:
     ints = ("step", "window_steps", "tokens")
     ok = isinstance(state, dict) and all(type(state.get(k)) is int and state[k] >= 0 for k in ints)
     ok = ok and type(state.get("window_loss_sum")) in (int, float)
+    # written since train.epochs and the window's tokens/s (an older checkpoint lacks them: they count from here)
+    ok = ok and all(type(state.get(k, 0)) is int and state.get(k, 0) >= 0 for k in ("target_tokens", "window_tokens"))
+    ok = ok and type(state.get("window_seconds", 0.0)) in (int, float) and state.get("window_seconds", 0.0) >= 0
     data = state.get("data") if ok else None
     ok = ok and isinstance(data, dict) and all(type(data.get(k)) is int and data[k] >= 0 for k in ("epoch", "index"))
     if not ok:

@@ -1,8 +1,10 @@
 """The QLoRA training loop: steps, logging, eval, checkpoints and exact resume.
 
 `train(config)` prepares the run (`setup.prepare_run`), then repeats the one training step (`step.train_step`)
-until `max_steps`, writing `metrics.jsonl`, checkpoints (`checkpoint`) and the final adapter. It never prints:
-progress goes to a `Reporter`.
+for the run's length (`train.max_steps`, or the steps `train.epochs` makes: `schedule.run_steps`), writing
+`metrics.jsonl`, checkpoints (`checkpoint`), the trackers of `train.report_to` (`trackers`) and the final adapter.
+Progress goes to a `Reporter`; with none given, `progress.display_for_python` shows the CLI's display on a
+terminal or in a notebook.
 
 Resume is exact on the CPU: a checkpoint holds everything the next step depends on (fp32 master weights and
 AdamW state, the torch RNG states that drive dropout, the data position as (epoch, batch) of a seed-determined
@@ -16,20 +18,16 @@ checkpoint; atomic writes leave nothing half-written.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
-from ..config.load import config_from_dict, load_config
 from ..config.settings import TrainConfig
 from ..data.batching import IGNORE_INDEX, BatchOrder, collate, pad_id
-from ..errors import ConfigError, TrainingError
+from ..errors import TrainingError
 from ..export.adapter import save_adapter
 from ..io.atomic import atomic_dir, write_text_atomic
 from ..io.faults import fault_point
@@ -37,6 +35,7 @@ from ..io.lock import DirectoryLock
 from ..memory.oom import oom_fault_point, oom_message, out_of_memory_error
 from ..model.loader import default_device
 from ..model.lora import count_parameters
+from .arguments import as_config, check_call, check_output_dir, check_output_parent
 from .checkpoint import (
     check_resume_data,
     check_resume_settings,
@@ -52,93 +51,13 @@ from .checkpoint import (
 )  # fmt: skip
 from .interrupt import Interrupted, signal_of
 from .metrics import MetricsLog
-from .reporter import Reporter, TrainResult
-from .schedule import lr_at
+from .reporter import Reporter, Reporters, TrainResult
+from .schedule import lr_at, run_steps, warmup_notice
 from .setup import prepare_run
 from .step import NonFiniteStepError, evaluate, train_step
+from .trackers import check_trackers, make_trackers
 
 __all__ = ["Reporter", "TrainResult", "train"]
-
-
-def _plain(value: Any) -> Any:
-    """A config as nested dicts, lists and scalars (paths as strings), to be built again through the schema."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
-def _as_config(config: TrainConfig | str | Path) -> TrainConfig:
-    """A validated config from a `TrainConfig` (rebuilt through the schema, so wrong types set in Python are
-    refused as a YAML file's would be) or from the path of a YAML file."""
-    if isinstance(config, TrainConfig):
-        checked = config_from_dict(_plain(config))
-        checked.validate()
-        return checked
-    path = os.fspath(config) if isinstance(config, os.PathLike) else config
-    if not isinstance(path, str):
-        hint = (
-            " (qlora_lite.config.load.config_from_dict builds one from nested dicts)" if isinstance(path, dict) else ""
-        )
-        raise ConfigError(
-            f"train() takes a TrainConfig or the path of a YAML config, not a {type(config).__name__}{hint}."
-        )
-    if not path or "\0" in path:
-        raise ConfigError(f"config path {path!r} is not a file name; give the path of a YAML training config.")
-    try:
-        return load_config(path)
-    except OSError as exc:  # a name the file system refuses (too long, a loop of links)
-        raise ConfigError(
-            f"config file {path} cannot be read ({exc.strerror or exc}); give the path of a YAML config."
-        ) from None
-
-
-def _check_call(resume: Any, allow_data_change: Any, reporter: Any) -> None:
-    """Refuse arguments of `train` that are not what they must be, before anything is touched."""
-    for name, value in (("resume", resume), ("allow_data_change", allow_data_change)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be True or False, got {value!r}.")
-    if allow_data_change and not resume:
-        raise ConfigError(
-            "--allow-data-change (allow_data_change=True) only applies when resuming; add --resume or drop it."
-        )
-    if reporter is not None and not isinstance(reporter, Reporter):
-        raise ConfigError(
-            f"reporter must be a qlora_lite.training.reporter.Reporter (a subclass of it), got {type(reporter).__name__}."
-        )
-
-
-def _check_output_parent(out: Path) -> None:
-    """Refuse an output_dir below a file (the lock and the run dir could not be made; mkdir would raise
-    FileExistsError or NotADirectoryError)."""
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"output_dir {out} cannot be made: {parent} is a file; choose another output_dir.")
-            return
-
-
-def _check_output_dir(out: Path, resume: bool) -> None:
-    """Refuse an output_dir that is a file, a folder of the user's, or (without resume) a run that has started."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} is a file; choose an empty or new output_dir.")
-    # A lock file alone (".qlora-lite.lock", kept inside run dirs by earlier versions) leaves a folder "empty".
-    names = {p.name for p in out.iterdir()} - {".qlora-lite.lock"} if out.is_dir() else set()
-    if names and not names & {"checkpoints", "metrics.jsonl", "config.yaml", "adapter"}:
-        raise ConfigError(
-            f"{out} is not empty and is not a qlora-lite run directory; choose an empty or new output_dir."
-        )
-    if resume:
-        return
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) or (out / "metrics.jsonl").exists():
-        raise ConfigError(
-            f"{out} already holds a training run; pass --resume (resume=True) to continue it or choose another output_dir."
-        )
 
 
 def train(
@@ -147,27 +66,40 @@ def train(
     resume: bool = False,
     reporter: Reporter | None = None,
     allow_data_change: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
     """Fine-tune with QLoRA as the config says; `config` is a `TrainConfig` or a YAML path.
 
     With `resume`, continue from the newest complete checkpoint in `output_dir` (a fresh start if there
     is none); a data file that changed since that checkpoint is refused unless `allow_data_change`.
+    Events go to `reporter`; with none, the CLI's progress display is shown when standard output is a terminal or
+    a notebook (`progress=False`: never). `train.report_to` adds its trackers.
     Raises `ConfigError` / `DataError` for bad settings, arguments or data, `TrainingError` when the loss or
     the gradient norm stops being finite (the last good checkpoint is kept), and `interrupt.Interrupted` (a
     `KeyboardInterrupt`) on Ctrl-C, naming the checkpoint to resume from.
     """
-    _check_call(resume, allow_data_change, reporter)
-    config = _as_config(config)
-    _check_output_parent(Path(config.output_dir))
+    check_call(resume, allow_data_change, reporter, progress)
+    config = as_config(config)
+    check_trackers(config.train.report_to)  # a missing package is said before anything loads
+    check_output_parent(Path(config.output_dir))
+    if reporter is None and progress:
+        from .progress import display_for_python
+
+        reporter = display_for_python()
+        owned = [reporter] if reporter is not None else []
+    else:
+        owned = []  # the caller's reporter is the caller's to close
     # One process per run dir: a second `train` on it would interleave checkpoints and metrics.
     with DirectoryLock(config.output_dir, purpose="qlora-lite train"):
-        run = _Run(config, reporter or Reporter())
+        run = _Run(config, reporter or Reporter(), owned)
         try:
             return run.run(resume, allow_data_change)
         except torch.OutOfMemoryError as exc:
             failure = oom_message(exc)  # only the text: the traceback holds the failed step's tensors
         except KeyboardInterrupt as exc:
             raise run.interrupted(exc) from None
+        finally:
+            run.close()
     # Raised outside the handler, so those tensors are freed before anything else runs.
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -186,11 +118,15 @@ def _write_failed(what: str, out: Path, exc: OSError, last_good: Path | None) ->
 class _Run:
     """One training run's state between steps (what a checkpoint saves) and its steps."""
 
-    def __init__(self, config: TrainConfig, reporter: Reporter):
+    def __init__(self, config: TrainConfig, reporter: Reporter, owned: list[Reporter] | None = None):
         self.config, self.s, self.reporter = config, config.train, reporter
+        self.owned = list(owned or [])  # reporters this run made (trackers, the display) and closes
         self.out = Path(config.output_dir)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.step, self.window_sum, self.window_steps, self.tokens_total = 0, 0.0, 0, 0
+        self.window_tokens, self.window_seconds, self.targets_total = 0, 0.0, 0  # tokens/s of the window; loss tokens
+        self.steps = self.s.max_steps  # the run's length (with train.epochs: set once the data is encoded)
+        self.resume_state: dict | None = None
         self.resumed_from: int | None = None
         self.last_good: Path | None = None
         self.last_train_loss: float | None = None
@@ -198,29 +134,40 @@ class _Run:
         self.phase = "prepare"  # then "train", then "final": what an interruption message says was going on
 
     def run(self, resume: bool, allow_data_change: bool = False) -> TrainResult:
-        """Prepare, resume if asked, train to max_steps, write the final adapter; return the result."""
+        """Prepare, resume if asked, train for the run's length, write the final adapter; return the result."""
         s, out = self.s, self.out
-        _check_output_dir(out, resume)
+        check_output_dir(out, resume)
         self.device = default_device()
         torch.manual_seed(s.seed)
         self.data_files = data_fingerprint(self.config)
         # Which checkpoint, and whether its settings and data fit, is decided before the model loads.
         start_from, notices = self._find_resume(allow_data_change) if resume else (None, [])
         parts = prepare_run(self.config, self.device)
-        self.model, self.optimizer = parts.model, parts.optimizer
+        self.model, self.optimizer, self.tokenizer = parts.model, parts.optimizer, parts.tokenizer
         self.train_ds, self.eval_ds = parts.train_data, parts.eval_data
         self.pad = pad_id(parts.tokenizer)
         self.order = BatchOrder(len(self.train_ds), s.micro_batch_size, s.seed)
+        per_epoch = self.order.batches_per_epoch
+        self.steps = run_steps(s, per_epoch)
+        if start_from is not None and s.max_steps <= 0:  # the length train.epochs makes is known only now
+            notices += schedule_notices(self.resume_state, s, start_from, self.steps, per_epoch)
         # Each example's loss-carrying tokens, as collate + target_count would count them: labels after the first.
         self.example_targets = [sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in self.train_ds.examples]
-        notices += self._data_notices()
+        notices += parts.notices + self._data_notices() + warmup_notice(s, self.steps)
         if start_from is not None:
             notices += self._restore(start_from)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        trackers = make_trackers(s.report_to, out, self.config.to_dict())
+        if trackers:
+            self.owned += trackers
+            self.reporter = Reporters(self.reporter, *trackers)
         trainable, total = count_parameters(self.model)
+        per_step = min(s.micro_batch_size, len(self.train_ds)) * s.grad_accum  # the last of an epoch may be smaller
         self.reporter.on_start({
-            "max_steps": s.max_steps, "start_step": self.step, "resumed_from": self.resumed_from,
+            "max_steps": self.steps, "epochs": s.epochs if s.max_steps <= 0 else None, "grad_accum": s.grad_accum,
+            "micro_batches_per_epoch": per_epoch, "sequences_per_step": per_step,
+            "start_step": self.step, "resumed_from": self.resumed_from,
             "device": str(self.device), "optimizer": self.optimizer.name, "train": self.train_ds.stats,
             "eval": self.eval_ds.stats if self.eval_ds else None, "trainable_params": trainable,
             "total_params": total, "output_dir": str(out), "notices": notices,
@@ -228,9 +175,9 @@ class _Run:
         started = time.perf_counter()
         self.model.train()
         self.phase = "train"
-        while self.step < s.max_steps:
+        while self.step < self.steps:
             self._one_step()
-        if self.eval_ds is not None and self.last_eval is None:  # resumed at max_steps: report the final eval
+        if self.eval_ds is not None and self.last_eval is None:  # resumed at the last step: report the final eval
             self._evaluate(report=False)
         self.phase = "final"
         self._save_final_adapter()
@@ -241,7 +188,8 @@ class _Run:
         result = TrainResult(
             output_dir=out, adapter_dir=out / "adapter", steps=self.step, train_loss=self.last_train_loss,
             eval_loss=ev["eval_loss"] if ev else None, eval_perplexity=ev["eval_ppl"] if ev else None,
-            resumed_from=self.resumed_from, tokens=self.tokens_total, seconds=time.perf_counter() - started,
+            resumed_from=self.resumed_from, tokens=self.tokens_total, target_tokens=self.targets_total,
+            seconds=time.perf_counter() - started,
             data=self.train_ds.stats, eval_data=self.eval_ds.stats if self.eval_ds else None,
             trainable_params=trainable, total_params=total, history=history, notices=notices,
         )  # fmt: skip
@@ -256,10 +204,11 @@ class _Run:
             if self.metrics.path.exists():
                 self.metrics.truncate_to(0)  # killed before its first checkpoint: start the log over with the run
             return None, notices
-        state = read_trainer_state(start_from)
+        state = self.resume_state = read_trainer_state(start_from)
         check_resume_settings(state, self.config, start_from)
         notices += check_resume_data(state, self.data_files, start_from, allow_data_change)
-        notices += schedule_notices(state, self.s, start_from)
+        if self.s.max_steps > 0:  # a length set by train.epochs is checked once the data is encoded
+            notices += schedule_notices(state, self.s, start_from)
         return start_from, notices
 
     def _restore(self, start_from: Path) -> list[str]:
@@ -271,6 +220,9 @@ class _Run:
         self.order = BatchOrder(len(self.train_ds), s.micro_batch_size, s.seed, pos["epoch"], pos["index"])
         self.window_sum, self.window_steps = state["window_loss_sum"], state["window_steps"]
         self.tokens_total = state["tokens"]
+        # written since the window's tokens/s and the loss-token count; an older checkpoint's count from here
+        self.targets_total = state.get("target_tokens", 0)
+        self.window_tokens, self.window_seconds = state.get("window_tokens", 0), state.get("window_seconds", 0.0)
         self.metrics.truncate_to(self.step)
         self.last_good = start_from
         notices = []
@@ -301,6 +253,11 @@ class _Run:
             ]
         return []
 
+    def close(self) -> None:
+        """Close the reporters this run made (trackers flush their files; the display stops), also after a failure."""
+        for reporter in self.owned:
+            reporter.close()
+
     def interrupted(self, exc: KeyboardInterrupt) -> Interrupted:
         """The `Interrupted` to raise for a SIGTERM / Ctrl-C: where the run was and what to resume from."""
         if self.phase == "prepare":
@@ -321,7 +278,7 @@ class _Run:
         s = self.s
         self.step += 1
         step, t0 = self.step, time.perf_counter()
-        lr = lr_at(step, s)
+        lr = lr_at(step, s, self.steps)
         # The loss normaliser (the step's target count) comes from the labels; the micro-batches are collated one
         # at a time as the step uses them, so a large grad_accum never holds more than one in memory.
         start, targets = copy.copy(self.order), 0  # the copy shares the epoch's permutation
@@ -343,25 +300,37 @@ class _Run:
             raise TrainingError(
                 f"step {step}: {exc}; {where} (lower train.lr, check the data, then run again with --resume)."
             ) from None
+        seconds = time.perf_counter() - t0
         self.tokens_total += result.tokens
+        self.targets_total += result.targets
         self.window_sum += result.loss
         self.window_steps += 1
-        record = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                  "tokens_per_s": result.tokens / max(time.perf_counter() - t0, 1e-9),
-                  "epoch": round(self.order.epochs_done, 4)}  # fmt: skip
+        self.window_tokens += result.tokens
+        self.window_seconds += seconds
+        record = {
+            "step": step,
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": result.tokens / max(seconds, 1e-9),
+            "epoch": round(self.order.epochs_done, 4),
+        }
         if self.device.type == "cuda":
             record["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.reporter.on_step(record)
-        if step % s.log_every == 0 or step == s.max_steps:
+        if step % s.log_every == 0 or step == self.steps:
             self.last_train_loss = self.window_sum / self.window_steps
-            self.metrics.append({
+            row = {  # the window's means: loss per step, tokens/s as its tokens over its seconds
                 "step": step, "loss": self.last_train_loss, "lr": lr, "grad_norm": result.grad_norm,
-                "tokens": self.tokens_total, "epoch": record["epoch"], "tokens_per_s": round(record["tokens_per_s"], 1),
-            })  # fmt: skip
-            self.window_sum, self.window_steps = 0.0, 0
-        if self.eval_ds is not None and ((s.eval_every and step % s.eval_every == 0) or step == s.max_steps):
+                "tokens": self.tokens_total, "epoch": record["epoch"],
+                "tokens_per_s": round(self.window_tokens / max(self.window_seconds, 1e-9), 1),
+            }  # fmt: skip
+            self.metrics.append(row)
+            self.reporter.on_log(row)
+            self.window_sum, self.window_steps, self.window_tokens, self.window_seconds = 0.0, 0, 0, 0.0
+        if self.eval_ds is not None and ((s.eval_every and step % s.eval_every == 0) or step == self.steps):
             self._evaluate(report=True)
-        if (s.save_every and step % s.save_every == 0) or step == s.max_steps:
+        if (s.save_every and step % s.save_every == 0) or step == self.steps:
             self._checkpoint()
 
     def _evaluate(self, report: bool) -> None:
@@ -378,8 +347,11 @@ class _Run:
         s, step = self.s, self.step
         trainer_state = {
             "step": step, "data": self.order.state(),
-            "schedule": {"name": s.schedule, "lr": s.lr, "warmup_steps": s.warmup_steps, "max_steps": s.max_steps},
+            "schedule": {"name": s.schedule, "lr": s.lr, "warmup_steps": s.warmup_steps, "max_steps": self.steps,
+                         "epochs": s.epochs},
             "window_loss_sum": self.window_sum, "window_steps": self.window_steps, "tokens": self.tokens_total,
+            "window_tokens": self.window_tokens, "window_seconds": self.window_seconds,
+            "target_tokens": self.targets_total,
             "fingerprint": fingerprint(self.config), "data_files": self.data_files,
         }  # fmt: skip
         try:
@@ -392,9 +364,12 @@ class _Run:
         fault_point("after-checkpoint", step)
 
     def _save_final_adapter(self) -> None:
+        """adapter/: the PEFT adapter and the tokenizer with the chat template training used (as axolotl and Unsloth
+        save it), so `chat`, `generate` and the merged export format conversations as training did."""
         try:
             with atomic_dir(self.out / "adapter", overwrite=True) as tmp:  # old adapter/ or new, never a partial one
                 save_adapter(self.model, tmp)
+                self.tokenizer.save_pretrained(tmp)
                 fault_point("in-final-adapter", self.step)
         except OSError as exc:
             raise _write_failed("the final adapter", self.out, exc, self.last_good) from None

@@ -27,19 +27,24 @@ class TrainResult:
     eval_data: DatasetStats | None
     trainable_params: int
     total_params: int
+    # loss-carrying tokens trained on (counted per step, so a micro-batch repeated within a step counts twice);
+    # `tokens` counts every token that is not padding
+    target_tokens: int = 0
     history: list[dict] = field(default_factory=list)
     # what resume found and did (skipped checkpoints, leftovers, changed data or schedule) and a step beyond the data
     notices: list[str] = field(default_factory=list)
 
 
 class Reporter:
-    """Receives training events; this base ignores them. cli passes a subclass that renders progress."""
+    """Receives training events; this base ignores them. `progress.RichReporter` renders them; `trackers` log them."""
 
     def on_start(self, info: dict) -> None:
-        """Run facts before the first step: steps, data statistics, parameter counts, device, resume step, and
+        """Run facts before the first step: `max_steps` (the run's length, also when `train.epochs` sets it),
+        `epochs` (`train.epochs`, None when `train.max_steps` is set), `micro_batches_per_epoch`,
+        `sequences_per_step`, `start_step`, data statistics, parameter counts, device, resume step, and
         `notices`: what resume found and did (checkpoints skipped as incomplete or corrupted, leftovers removed, data
-        changed under --allow-data-change, a changed max_steps / lr / schedule and what it changes) and a step that
-        asks for more micro-batches than the data holds."""
+        changed under --allow-data-change, a changed max_steps / lr / schedule and what it changes), a step that
+        asks for more micro-batches than the data holds, and a warmup clipped to the run's length."""
 
     def on_step(self, record: dict) -> None:
         """After every optimizer step: step, loss, lr, grad_norm, tokens_per_s, epoch (and mem_gib on CUDA)."""
@@ -56,6 +61,10 @@ class Reporter:
 
     def on_end(self, result: TrainResult) -> None:
         """After the final adapter is written."""
+
+    def close(self) -> None:
+        """Release what the reporter holds (a live display, an open file); called once the run ends, also when it
+        fails. Must do nothing when called again."""
 
 
 class Reporters(Reporter):
@@ -87,3 +96,7 @@ class Reporters(Reporter):
     def on_end(self, result: TrainResult) -> None:
         for r in self.reporters:
             r.on_end(result)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()

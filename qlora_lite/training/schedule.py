@@ -1,20 +1,55 @@
-"""The learning-rate schedule: a pure function of the step, so a resumed run continues it exactly."""
+"""The run's length and its learning-rate schedule: a pure function of the step, so a resumed run continues it
+exactly."""
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 from ..config.settings import TrainSettings
 
 
-def lr_at(step: int, s: TrainSettings) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warmup to `lr`, then cosine to 0 or constant.
+def run_steps(s: TrainSettings, micro_batches_per_epoch: int) -> int:
+    """The optimizer steps a run takes: `train.max_steps`, or with `train.epochs`
+    ceil(epochs x micro-batches per epoch / grad_accum), at least 1.
 
-    The cosine is evaluated at (step - warmup - 1) / (max_steps - warmup), so no step runs at lr 0.
+    The product is taken on the decimal value of `epochs` (0.1 is one tenth, not 0.1000000000000000055), so a
+    round number of micro-batches is not rounded up to one step more.
     """
-    if s.warmup_steps and step <= s.warmup_steps:
-        return s.lr * step / s.warmup_steps
+    if s.max_steps > 0:
+        return s.max_steps
+    micro_batches = Fraction(repr(float(s.epochs))) * micro_batches_per_epoch
+    return max(1, math.ceil(micro_batches / s.grad_accum))
+
+
+def warmup_for(s: TrainSettings, steps: int) -> int:
+    """The warmup a run of `steps` steps uses: `train.warmup_steps`, clipped to the run's length when it is longer
+    (the learning rate then reaches `train.lr` at the last step instead of never)."""
+    return min(s.warmup_steps, steps)
+
+
+def warmup_notice(s: TrainSettings, steps: int) -> list[str]:
+    """The start notice for a warmup that `warmup_for` clipped (none when it fits the run)."""
+    if s.warmup_steps <= steps:
+        return []
+    return [
+        f"train.warmup_steps is {s.warmup_steps} but the run has {steps} step{'s' if steps > 1 else ''}, so the "
+        f"learning rate would never reach train.lr; the warmup is clipped to the run's {steps} steps, reaching "
+        f"train.lr at the last; set train.warmup_steps below {steps} for steps at the full learning rate"
+    ]
+
+
+def lr_at(step: int, s: TrainSettings, steps: int | None = None) -> float:
+    """Learning rate of optimizer step `step` (1-based) in a run of `steps` steps (default `train.max_steps`):
+    linear warmup to `lr` over `warmup_for(s, steps)` steps, then cosine to 0 or constant.
+
+    The cosine is evaluated at (step - warmup - 1) / (steps - warmup), so no step runs at lr 0.
+    """
+    steps = s.max_steps if steps is None else steps
+    warmup = warmup_for(s, steps)
+    if warmup and step <= warmup:
+        return s.lr * step / warmup
     if s.schedule == "constant":
         return s.lr
-    progress = (step - s.warmup_steps - 1) / max(1, s.max_steps - s.warmup_steps)
+    progress = (step - warmup - 1) / max(1, steps - warmup)
     return s.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))

@@ -45,7 +45,10 @@ class TensorBoardTracker(Reporter):
         self.writer.add_scalar("eval/perplexity", record["eval_ppl"], record["step"])
 
     def on_end(self, result: TrainResult) -> None:
-        self.writer.close()
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()  # flushes what is pending; a second call does nothing
 
 
 class WandbTracker(Reporter):
@@ -57,6 +60,7 @@ class WandbTracker(Reporter):
         import wandb
 
         self.wandb = wandb
+        self.finished = False
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "qlora-lite"), dir=str(output_dir), config=config,
             name=output_dir.name, resume="allow",
@@ -69,21 +73,33 @@ class WandbTracker(Reporter):
         self.run.log({"eval/loss": record["eval_loss"], "eval/perplexity": record["eval_ppl"]}, step=record["step"])
 
     def on_end(self, result: TrainResult) -> None:
-        self.run.finish()
+        self.close()
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.run.finish()
 
 
 class CsvTracker(Reporter):
-    """`output_dir/metrics.csv`: one row per logged step or eval, the columns of metrics.jsonl.
+    """`output_dir/metrics.csv`: one row per logged step or eval, the rows and columns of metrics.jsonl.
 
-    Rewritten whole from the rows of this process on each event, so a resumed run's file holds only its own
-    rows after the checkpoint (metrics.jsonl keeps the whole history).
+    Rewritten whole (atomically) on each event. A resumed run starts from metrics.jsonl as resume left it (cut
+    back to the checkpoint's step), so the file keeps mirroring metrics.jsonl across resumes.
     """
 
     COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens", "epoch", "tokens_per_s", "eval_loss", "eval_ppl")
 
     def __init__(self, output_dir: Path):
         self.path = output_dir / "metrics.csv"
+        self.log = output_dir / "metrics.jsonl"
         self.rows: list[dict] = []
+
+    def on_start(self, info: dict) -> None:
+        from .metrics import MetricsLog
+
+        self.rows = MetricsLog(self.log).read()
+        self._write()
 
     def _write(self) -> None:
         from ..io.atomic import atomic_file
@@ -119,4 +135,4 @@ def make_trackers(names: list[str], output_dir: Path, config: dict) -> list[Repo
         "wandb": lambda: WandbTracker(output_dir, config),
         "csv": lambda: CsvTracker(output_dir),
     }
-    return [makers[name]() for name in names]
+    return [makers[name]() for name in dict.fromkeys(names)]  # a name given twice logs once
