@@ -6,7 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.io.atomic import file_sha256
 
 from .bad_input_support import Case, Workspace

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from qlora_lite import apply_lora, load_quantized, save_adapter
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.errors import ConfigError
 from qlora_lite.io.atomic import atomic_file
 from qlora_lite.io.lock import DirectoryLock

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.demo.task import SAMPLE_WORDS, shift_word
 
 

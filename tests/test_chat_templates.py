@@ -12,7 +12,7 @@ import shutil
 import pytest
 import yaml
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.settings import DataConfig
 from qlora_lite.data.batching import IGNORE_INDEX
 from qlora_lite.data.chat import (

@@ -14,7 +14,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
 from qlora_lite.config.settings import TrainSettings
 from qlora_lite.data.batching import IGNORE_INDEX, BatchOrder

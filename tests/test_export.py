@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora_lite import apply_lora, load_quantized, save_adapter
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.settings import QuantConfig
 from qlora_lite.config.units import parse_size
 from qlora_lite.errors import AdapterError, ExportError, QloraLiteError

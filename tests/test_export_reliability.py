@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import qlora_lite.export.hf_dir as hf_dir
 from qlora_lite import apply_lora, load_adapter, load_quantized, save_adapter
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
 from qlora_lite.errors import AdapterError, ConfigError, ExportError, LockedError, QloraLiteError
 from qlora_lite.export.adapter import adapter_quant_settings, read_adapter_config

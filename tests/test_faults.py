@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from qlora_lite import apply_lora, load_quantized, save_adapter
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
 from qlora_lite.io.faults import ENOSPC_ENV, KILL_ENV
 from qlora_lite.io.lock import DirectoryLock

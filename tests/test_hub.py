@@ -67,7 +67,7 @@ def test_offline_mode_is_the_users_choice(monkeypatch):
 
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     code = (
-        "import os, contextlib, io; from qlora_lite.cli.main import main\n"
+        "import os, contextlib, io; from qlora_lite.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()): main(['memory', '--list-presets'])\n"
         "print(os.environ.get('HF_HUB_OFFLINE'))"
     )
@@ -87,7 +87,7 @@ def test_memory_maps_a_hub_id_to_its_preset_without_the_cache(hf_home):
 
 
 def test_memory_reads_an_unknown_hub_model_from_the_cache(tiny_model_dir, hf_home, capsys):
-    from qlora_lite.cli.main import main
+    from qlora_lite.cli import main
 
     hf_cache_entry(hf_home, "Org/Tiny", tiny_model_dir("llama"))
     assert main(["memory", "Org/Tiny", "--json"]) == 0

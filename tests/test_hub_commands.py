@@ -17,7 +17,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 
 from .helpers import hf_cache_entry
 

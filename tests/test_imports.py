@@ -27,7 +27,7 @@ def heavy_modules_after(code: str) -> list[str]:
 @pytest.mark.parametrize("code", [
     "import qlora_lite",
     "import qlora_lite; qlora_lite.__version__; qlora_lite.QloraLiteError",
-    "from qlora_lite.cli.main import build_parser; build_parser().format_help()",
+    "from qlora_lite.cli import build_parser; build_parser().format_help()",
     "from qlora_lite.config.load import config_with_overrides; config_with_overrides({'model': 'm', 'data.train': 't', 'train.max_steps': '5'})",
 ])  # fmt: skip
 def test_no_heavy_import(code):

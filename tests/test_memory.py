@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.errors import ConfigError, QloraLiteError
 from qlora_lite.memory.advice import advise, parse_budget
 from qlora_lite.memory.constants import GiB

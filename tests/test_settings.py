@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_with_overrides, load_config
 from qlora_lite.config.settings import TrainConfig, default_of, resume_keys, valid_keys
 from qlora_lite.errors import ConfigError

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
 from qlora_lite.training import loop
 from qlora_lite.training.interrupt import Interrupted

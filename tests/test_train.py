@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict, load_config
 from qlora_lite.config.settings import TrainConfig, valid_keys
 from qlora_lite.data.batching import BatchOrder, collate

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
 from qlora_lite.training import loop, progress
 from qlora_lite.training.reporter import Reporter

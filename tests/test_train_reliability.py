@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from qlora_lite import apply_lora, load_quantized
-from qlora_lite.cli.main import main
+from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
 from qlora_lite.config.settings import DataConfig, TrainConfig, TrainSettings
 from qlora_lite.data.batching import collate

@@ -1,5 +1,5 @@
-"""The `qlora-lite` command line: one module per sub-command, `main` in `cli.main`."""
+"""The `qlora-lite` command line: `app` holds the parser and `main`, one module per sub-command."""
 
-from .main import main
+from .app import build_parser, main
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
