@@ -120,6 +120,9 @@ class LoraConfig(Section):
         resume=True,
     )
     rslora: bool = setting(False, "rank-stabilised scaling alpha / sqrt(r)", resume=True)
+    modules_to_save: list = setting(
+        [], "modules trained whole and saved as peft does (e.g. [embed_tokens, lm_head] for new tokens)", resume=True
+    )
     adapter_dtype: str = setting(
         "bfloat16",
         "dtype A and B are stored in: bfloat16 (the optimizer keeps fp32 masters) or float32",
@@ -138,13 +141,15 @@ class LoraConfig(Section):
 
 @dataclass
 class DataConfig(Section):
-    train: str = setting(
+    train: str | list = setting(
         "",
-        "training data: a .jsonl / .json file (text, prompt/completion or messages records), "
-        "or a datasets name 'org/name[:split]'",
+        "training data: a .jsonl / .json file or a hub dataset 'org/name[:split]' (text, prompt/completion, messages, "
+        "alpaca or ShareGPT records), or a list of sources {path, weight, format, columns}",
         resume=True,
     )
-    eval: str = setting("", "evaluation data file; empty to split eval_fraction off the training data", resume=True)
+    eval: str | list = setting(
+        "", "evaluation data, as data.train; empty to split eval_fraction off the training data", resume=True
+    )
     eval_fraction: float = setting(
         0.0,
         "fraction of the training records held out for eval when data.eval is empty",
@@ -167,6 +172,16 @@ class DataConfig(Section):
         "",
         "chat template for messages records: a Jinja file, or a known name: chatml, llama3, fallback; "
         "empty: the tokenizer's own, else a plain fallback",
+        resume=True,
+    )
+    add_special_tokens: list = setting(
+        [],
+        "tokens added to the tokenizer as special tokens (e.g. ['<|im_start|>', '<|im_end|>']); needs resize_embeddings",
+        resume=True,
+    )
+    resize_embeddings: bool = setting(
+        False,
+        "grow the model's embeddings (and lm_head) to the tokenizer's size; new rows start as the mean row",
         resume=True,
     )
     system_prompt: str = setting(
