@@ -148,4 +148,44 @@ CASES: list[Case] = [
         "data.chat_template ./chat.jinja cannot render a conversation (Unexpected end of template); fix the template "
         "or use chatml, fallback or llama3.",
     ),
+    Case(
+        "train-add-special-token-already-in-vocabulary",
+        "a data.add_special_tokens entry the tokenizer already has",
+        lambda ws: ws.train(data__add_special_tokens=["<|im_start|>", "</s>"], data__resize_embeddings=True),
+        "data.add_special_tokens: '</s>' is already in the tokenizer's vocabulary (id 2); remove it from the list.",
+    ),
+    Case(
+        "data-columns-missing",
+        "a data source whose columns mapping names a field a record lacks",
+        lambda ws: ws.train(
+            data__train=[
+                {
+                    "path": str(ws.jsonl("qa.jsonl", {"question": "2+2=", "answer": "4"}, {"question": "3+3="})),
+                    "columns": {"question": "prompt", "answer": "completion"},
+                }
+            ]
+        ),  # fmt: skip
+        "data.train[0].columns maps 'answer', but ./qa.jsonl line 2 has no field 'answer' (it has: question); "
+        "fix data.train[0].columns or the record.",
+    ),
+    Case(
+        "data-source-weight-not-positive",
+        "a data source with weight 0",
+        lambda ws: ws.train(data__train=[str(ws.data), {"path": str(ws.data), "weight": 0}]),
+        "data.train[1].weight is 0; a weight is a number > 0 (the source's share of the mix).",
+    ),
+    Case(
+        "data-source-unknown-format",
+        "a data source naming an unknown format",
+        lambda ws: ws.train(data__train=[{"path": str(ws.data), "format": "sharegtp"}]),
+        "data.train[0].format is 'sharegtp' (did you mean 'sharegpt'?); use one of auto, text, prompt_completion, "
+        "messages, alpaca, sharegpt.",
+    ),
+    Case(
+        "data-source-unknown-key",
+        "a data source with an unknown key",
+        lambda ws: ws.train(data__train=[{"path": str(ws.data), "weigth": 0.5}]),
+        "data.train[0] has the unknown key 'weigth' (did you mean 'weight'?); a source's keys are path, weight, "
+        "format, columns.",
+    ),
 ]

@@ -117,13 +117,13 @@ CASES: list[Case] = [
         "cli-unknown-command",
         "a sub-command that does not exist",
         lambda ws: ["trian"],
-        "unknown command 'trian' (did you mean 'train'?); choose one of train, export, memory, chat, generate, demo.",
+        "unknown command 'trian' (did you mean 'train'?); choose one of train, data, export, memory, chat, generate, demo.",
     ),
     Case(
         "cli-no-command",
         "no sub-command at all",
         lambda ws: [],
-        "no command given; run `qlora-lite COMMAND` with COMMAND one of train, export, memory, chat, generate, demo",
+        "no command given; run `qlora-lite COMMAND` with COMMAND one of train, data, export, memory, chat, generate, demo",
     ),
     Case(
         "cli-train-no-config",

@@ -344,6 +344,6 @@ def test_tokenizer_larger_than_the_embedding_is_refused_before_training(model_co
         qlora_lite.train(tmp_path / "run.yaml")
     assert str(info.value) == (
         f"the tokenizer in {model_dir} has 329 tokens but the model's embedding has 320 rows; "
-        "use the tokenizer that came with the model."
+        "use the tokenizer that came with the model, or set data.resize_embeddings: true to grow it."
     )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -39,7 +39,7 @@ def _quiet_libraries() -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-COMMANDS = ("train", "export", "memory", "chat", "generate", "demo")
+COMMANDS = ("train", "data", "export", "memory", "chat", "generate", "demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
-    from . import chat, demo, export, generate, memory, train
+    from . import chat, data, demo, export, generate, memory, train
 
     for add in (
         train.add_parser,
+        data.add_parser,
         export.add_parser,
         memory.add_parser,
         chat.add_parser,

@@ -174,8 +174,8 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
 def load_config(path: str | Path, overrides: dict[str, str] | None = None, for_training: bool = True) -> TrainConfig:
     """Read a YAML training config, apply dotted overrides, validate, and return it.
 
-    Relative `model`, `data.train` and `data.eval` paths are taken relative to the YAML file's folder
-    when they exist there, so a config travels with its data. `for_training=False` (the memory report)
+    Relative `model`, `data.train` and `data.eval` paths (each source's, for a list) are taken relative to the
+    YAML file's folder when they exist there, so a config travels with its data. `for_training=False` (the memory report)
     accepts a config without training data.
     """
     import yaml
@@ -210,6 +210,12 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None, for_t
     data = apply_overrides(data, overrides or {})
     config = config_from_dict(data)
     base = path.parent
+
+    def beside_yaml(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
+            return str(base / value) if (base / value).exists() else value
+        return value
+
     for holder, name in (
         (config, "model"),
         (config.data, "train"),
@@ -217,8 +223,13 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None, for_t
         (config.data, "chat_template"),
     ):
         value = getattr(holder, name)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(holder, name, str(base / value))
+        if isinstance(value, list):  # several data sources: a path, or a mapping with a `path`
+            value = [
+                {**item, "path": beside_yaml(item["path"])} if isinstance(item, dict) and "path" in item else item
+                for item in value
+            ]
+            value = [beside_yaml(item) for item in value]
+        setattr(holder, name, beside_yaml(value))
     config.validate(for_training)
     return config
 

@@ -22,17 +22,31 @@ def pad_id(tokenizer) -> int:
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding).
+
+    When any example is packed (carries `position_ids`), the batch also holds `position_ids`: each record's
+    positions restart at 0, an unpacked example counts 0..n-1 and the padding counts on from 0 as a segment of
+    its own, so the forward's block-diagonal attention keeps records, and padding, apart.
+    """
     width = max(len(e) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    packed = any(getattr(e, "position_ids", None) is not None for e in examples)
+    positions = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
     for row, e in enumerate(examples):
         n = len(e)
         ids[row, :n] = torch.tensor(e.input_ids)
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if positions is not None:
+            own = e.position_ids if e.position_ids is not None else range(n)
+            positions[row, :n] = torch.tensor(list(own))
+            positions[row, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch
 
 
 def target_count(labels: torch.Tensor) -> int:

@@ -23,24 +23,44 @@ from ..config.settings import DataConfig
 from ..errors import DataError
 from .batching import IGNORE_INDEX
 from .chat import render_chat, with_system_turn
-from .records import load_records, record_format
+from .mix import Source, draw_mixture, parse_sources, read_source, weighted
+from .records import record_format
 
 
 @dataclass
 class Example:
-    """One tokenized training sequence: token ids, aligned labels (-100 = no loss) and where it came from."""
+    """One tokenized training sequence: token ids, aligned labels (-100 = no loss) and where it came from.
+
+    A packed sequence also carries `position_ids` restarting at 0 for each record in it; the forward turns them
+    into block-diagonal attention, so packed records never see each other. None: positions 0..n-1, one record.
+    """
 
     input_ids: list[int]
     labels: list[int]
     source: str
+    position_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
 @dataclass
+class SourceStats:
+    """One source's part of a dataset: records read; sequences, tokens and loss-carrying tokens it put in an
+    epoch (counted before packing; with weights, drawn sequences, repeats included)."""
+
+    name: str
+    path: str = ""
+    records: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+
+
+@dataclass
 class DatasetStats:
-    """What preparation did to the records, for the progress header and the summary."""
+    """What preparation did to the records, for the progress header and the summary; `sources` holds one entry
+    per data source when there are several."""
 
     records: int = 0
     sequences: int = 0
@@ -50,6 +70,7 @@ class DatasetStats:
     tokens: int = 0
     target_tokens: int = 0
     packed: bool = False
+    sources: list[SourceStats] = field(default_factory=list)
 
 
 @dataclass
@@ -137,26 +158,30 @@ def encode_record(record: dict, tokenizer, fmt: str, where: str, system_prompt: 
 def _pack(examples: list[Example], max_seq_len: int) -> list[Example]:
     """Greedy packing in order: whole examples are concatenated until the next would not fit.
 
-    The first label of every example after the first in a pack is dropped, so no loss is taken for
-    predicting one example's first token from the previous example. Attention is not blocked between
-    packed examples (plain causal attention over the pack), as in TRL's wrapped packing.
+    Each pack carries `position_ids` that restart at 0 for every record, from which the forward builds
+    block-diagonal causal attention (`training.loss.packed_attention`): a packed record sees only itself, so its
+    logits equal those of the record run alone. The first label of every example after the first in a pack is
+    dropped, so no loss is taken for predicting one record's first token from the previous record (run alone,
+    that label is never a target either).
     """
     packs: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
+    positions: list[int] = []
     sources: list[str] = []
     for ex in examples:
         if ids and len(ids) + len(ex) > max_seq_len:
-            packs.append(Example(ids, labels, "; ".join(sources)))
-            ids, labels, sources = [], [], []
+            packs.append(Example(ids, labels, "; ".join(sources), positions))
+            ids, labels, positions, sources = [], [], [], []
         ex_labels = list(ex.labels)
         if ids:
             ex_labels[0] = IGNORE_INDEX
         ids = ids + list(ex.input_ids)
         labels = labels + ex_labels
+        positions = positions + list(range(len(ex)))
         sources.append(ex.source)
     if ids:
-        packs.append(Example(ids, labels, "; ".join(sources)))
+        packs.append(Example(ids, labels, "; ".join(sources), positions))
     return packs
 
 
@@ -216,20 +241,81 @@ def split_records(records: list[tuple[str, Any]], fraction: float, seed: int) ->
     return train, evals
 
 
-def prepare_data(config: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """Train and (optional) eval datasets from the data settings: files or a split of the training file."""
-    records = load_records(config.train)
-    eval_records = None
-    if config.eval:
-        eval_records = load_records(config.eval)
-    elif config.eval_fraction > 0:
-        records, eval_records = split_records(records, config.eval_fraction, seed)
-    train = build_dataset(
-        records, tokenizer, config.max_seq_len, config.truncation, config.packing, system_prompt=config.system_prompt
-    )
-    evals = None
-    if eval_records is not None:
-        evals = build_dataset(
-            eval_records, tokenizer, config.max_seq_len, config.truncation, False, system_prompt=config.system_prompt
+def _targets(example: Example) -> int:
+    return sum(1 for lab in example.labels[1:] if lab != IGNORE_INDEX)
+
+
+def _from_sources(groups: list[list], sources: list[Source], config: DataConfig, tokenizer, seed: int, packing: bool):
+    """One dataset from several sources' records: each tokenized alone, then mixed by weight (`mix.draw_mixture`)
+    or concatenated, then packed; `stats.sources` holds each source's part."""
+    parts = []
+    for source, records in zip(sources, groups):
+        try:
+            parts.append(
+                build_dataset(records, tokenizer, config.max_seq_len, config.truncation, False, config.system_prompt)
+            )
+        except DataError as exc:
+            if not str(exc).startswith("no usable records"):
+                raise
+            raise DataError(f"{source.key} ({source.path}) has {exc}") from None
+    sizes = [len(p) for p in parts]
+    if weighted(sources):
+        picks = draw_mixture(sizes, [1.0 if s.weight is None else s.weight for s in sources], seed)
+    else:
+        picks = [(i, j) for i, size in enumerate(sizes) for j in range(size)]
+    stats = DatasetStats(packed=packing)
+    stats.sources = [SourceStats(s.key, s.path, p.stats.records) for s, p in zip(sources, parts)]
+    examples = []
+    for i, j in picks:
+        ex = parts[i].examples[j]
+        examples.append(ex)
+        part = stats.sources[i]
+        part.sequences, part.tokens, part.target_tokens = (
+            part.sequences + 1,
+            part.tokens + len(ex),
+            part.target_tokens + _targets(ex),
         )
+    for p in parts:
+        stats.records += p.stats.records
+        stats.truncated += p.stats.truncated
+        stats.dropped_no_target += p.stats.dropped_no_target
+        for fmt, n in p.stats.formats.items():
+            stats.formats[fmt] = stats.formats.get(fmt, 0) + n
+    if packing:
+        examples = _pack(examples, config.max_seq_len)
+    stats.sequences = len(examples)
+    stats.tokens = sum(len(e) for e in examples)
+    stats.target_tokens = sum(_targets(e) for e in examples)
+    return TokenizedDataset(examples, stats)
+
+
+def prepare_data(config: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Train and (optional) eval datasets from the data settings: one source or several (`data/mix.py`: weighted
+    training mixtures drawn from `seed`), or a split of the training data (`eval_fraction`, per source)."""
+    sources = parse_sources(config.train, "train")
+    groups = [read_source(s) for s in sources]
+    eval_sources: list[Source] = []
+    eval_groups = None
+    if config.eval:
+        eval_sources = parse_sources(config.eval, "eval")
+        eval_groups = [read_source(s) for s in eval_sources]
+    elif config.eval_fraction > 0:
+        eval_sources = sources
+        pairs = [split_records(g, config.eval_fraction, seed) for g in groups]
+        groups, eval_groups = [t for t, _ in pairs], [e for _, e in pairs]
+    if len(sources) == 1:
+        train = build_dataset(
+            groups[0], tokenizer, config.max_seq_len, config.truncation, config.packing, config.system_prompt
+        )
+    else:
+        train = _from_sources(groups, sources, config, tokenizer, seed, config.packing)
+    evals = None
+    if eval_groups is not None:
+        if len(eval_sources) == 1:
+            evals = build_dataset(
+                eval_groups[0], tokenizer, config.max_seq_len, config.truncation, False, config.system_prompt
+            )
+        else:
+            unweighted = [Source(s.key, s.path, None, s.format, s.columns) for s in eval_sources]
+            evals = _from_sources(eval_groups, unweighted, config, tokenizer, seed, False)
     return train, evals

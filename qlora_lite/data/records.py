@@ -10,6 +10,15 @@ Records follow TRL's conventions, detected per record by `record_format`:
 - `{"prompt": ..., "completion": ...}`: loss on the completion only;
 - `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation; loss on the assistant turns only.
 
+Two more shapes are read natively and converted at read time (`convert_record`) into those, so they tokenize to
+exactly the ids and masks of the equivalent record:
+- alpaca `{"instruction", "input"?, "output", "system"?}`: the prompt is the instruction, then "\n\n" and the
+  input when the input is not empty, then "\n\n"; the completion is the output. With a non-empty `system` it
+  becomes `messages` instead: system, user (the prompt without the trailing "\n\n"), assistant (the output);
+- ShareGPT `{"conversations": [{"from", "value"}, ...]}`: `messages`, with human/user -> user, gpt/assistant ->
+  assistant, system and tool kept.
+A source's `columns` mapping (`{question: prompt}`) renames fields before detection (`rename_columns`).
+
 Every record comes with its location ('file line N' or 'file[i]'), which error messages name. A JSONL line is
 what ends at a newline ("\n", with an optional "\r"): Unicode line separators inside a JSON string stay in it.
 """
@@ -23,6 +32,15 @@ from pathlib import Path
 from ..errors import DataError
 
 FORMATS = ("text", "prompt_completion", "messages")
+SOURCE_FORMATS = ("auto", *FORMATS, "alpaca", "sharegpt")  # what a source's `format` may name
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 # A \uD800-\uDFFF escape: JSON allows it, but alone (not as a pair) it decodes to no character at all.
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Hub datasets: the split names `datasets` recognises in file names, and what separates words in a file path.
@@ -239,12 +257,24 @@ def _hub_records(repo: str, split: str) -> list[tuple[str, dict]]:
     return records
 
 
-def load_records(source: str | Path) -> list[tuple[str, dict]]:
+def load_records(
+    source: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None, key: str = "data.train"
+) -> list[tuple[str, dict]]:
     """(location, record) pairs from a .jsonl file, a .json array, or a hub dataset id (`Org/Name[:split]`).
 
     A hub dataset resolves through the Hugging Face cache (`io.hub.resolve_dataset_dir`); its split's files are
     picked by name (`hub_split_files`). The location ('file line N' or 'file[index]') is what error messages name.
+    Each record has its fields renamed by `columns` (the source `key` names it in errors), then alpaca and
+    ShareGPT records are converted to TRL's shapes (`convert_record`; `fmt` other than "auto" insists on one).
     """
+    return [
+        (where, convert_record(rename_columns(record, columns, where, key) if columns else record, where, fmt))
+        for where, record in _load_raw(source)
+    ]
+
+
+def _load_raw(source: str | Path) -> list[tuple[str, dict]]:
+    """The records of a file or hub dataset as written."""
     path = Path(source)
     if not path.exists():
         looks_like_file = path.suffix in (".jsonl", ".json") or str(source).startswith((".", "/"))
@@ -286,8 +316,98 @@ def record_format(record: dict, where: str) -> str:
         if not isinstance(record["text"], str):
             raise DataError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}.")
         return "text"
-    keys = ", ".join(sorted(record)) or "none"
     raise DataError(
-        f"{where}: record has none of the fields 'text', 'prompt'+'completion' or 'messages' (it has: {keys}); "
+        f"{where}: record has none of the fields 'text', 'prompt'+'completion' or 'messages' (it has: {_keys(record)}); "
         "use one of TRL's three formats."
     )
+
+
+def _keys(record: dict) -> str:
+    return ", ".join(sorted(map(str, record))) or "none"
+
+
+def rename_columns(record: dict, columns: dict[str, str], where: str, key: str) -> dict:
+    """`record` with each field named in `columns` renamed to its value; a missing field is a `DataError`."""
+    for old in columns:
+        if old not in record:
+            raise DataError(
+                f"{key}.columns maps {old!r}, but {where} has no field {old!r} (it has: {_keys(record)}); "
+                f"fix {key}.columns or the record."
+            )
+    renamed = {k: v for k, v in record.items() if k not in columns}
+    renamed.update({new: record[old] for old, new in columns.items()})
+    return renamed
+
+
+def native_format(record: dict) -> str | None:
+    """The shape a record is written in: one of `FORMATS`, 'alpaca', 'sharegpt', or None."""
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record or "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record:
+        return "alpaca"
+    return None
+
+
+def convert_record(record: dict, where: str, fmt: str = "auto") -> dict:
+    """An alpaca or ShareGPT record as its `prompt`/`completion` or `messages` equivalent; TRL records unchanged.
+
+    `fmt` "auto" detects the shape per record; another name (`SOURCE_FORMATS`) requires every record to be in it."""
+    kind = native_format(record) if fmt == "auto" else fmt
+    if kind == "alpaca":
+        return _from_alpaca(record, where)
+    if kind == "sharegpt":
+        return _from_sharegpt(record, where)
+    if fmt != "auto" and native_format(record) != fmt:
+        raise DataError(
+            f"{where} is not a {fmt} record (it has: {_keys(record)}) although its source sets format: {fmt}; "
+            "fix the record or the source's format."
+        )
+    return record
+
+
+def _from_alpaca(record: dict, where: str) -> dict:
+    """An alpaca record as prompt/completion, or as messages when it has a non-empty `system`."""
+    for name, required in (("instruction", True), ("output", True), ("input", False), ("system", False)):
+        if name not in record and required:
+            raise DataError(
+                f"{where}: alpaca record has no {name!r} (it has: {_keys(record)}); alpaca records need "
+                "'instruction' and 'output'."
+            )
+        if name in record and not isinstance(record[name], str | None):
+            raise DataError(f"{where}: {name!r} must be a string, got {type(record[name]).__name__}.")
+    if record["output"] is None or record["instruction"] is None:
+        raise DataError(f"{where}: alpaca 'instruction' and 'output' must be strings, not null.")
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    if record.get("system"):
+        turns = [("system", record["system"]), ("user", user), ("assistant", record["output"])]
+        return {"messages": [{"role": role, "content": content} for role, content in turns]}
+    return {"prompt": user + "\n\n", "completion": record["output"]}
+
+
+def _from_sharegpt(record: dict, where: str) -> dict:
+    """A ShareGPT record (`conversations` of {from, value}) as a messages record."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects.")
+    messages = []
+    for i, turn in enumerate(turns):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            raise DataError(f"{where}: conversations[{i}] needs a string 'from' and a string 'value'.")
+        role = SHAREGPT_ROLES.get(turn["from"].lower())
+        if role is None:
+            raise DataError(
+                f"{where}: conversations[{i}] is from {turn['from']!r}, which is none of "
+                f"{', '.join(SHAREGPT_ROLES)}; rename it in the data."
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return {"messages": messages}

@@ -19,6 +19,7 @@ from ..config.settings import QuantConfig
 from ..errors import AdapterError, ConfigError
 from ..io.atomic import save_safetensors_atomic, write_json_atomic
 from ..model import quant
+from ..model.embeddings import apply_trainable_tokens, resize_embeddings, token_state_dict
 from ..model.lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
 from .adapter_config import QLORA_KEY, check_quant_record, read_adapter_config_file
 
@@ -83,10 +84,13 @@ def adapter_config_dict(model: nn.Module) -> dict:
         "alpha_pattern": {},
         "use_dora": False,
         "revision": None,
+        "trainable_token_indices": getattr(model, "qlora_tokens", None),
     }
     record = _quant_record(model)
     if record is not None:
         config[QLORA_KEY] = record
+    if config["trainable_token_indices"]:  # the resized base's rows, so export and chat can grow the base the same
+        config.setdefault(QLORA_KEY, {})["vocab_size"] = int(model.get_input_embeddings().weight.shape[0])
     return config
 
 
@@ -100,7 +104,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"adapter output path {out_dir} is a file; choose a directory path for the adapter.")
-    tensors = {PEFT_PREFIX + k: v.detach() for k, v in adapter_state_dict(model).items()}
+    state = {**adapter_state_dict(model), **token_state_dict(model)}
+    tensors = {PEFT_PREFIX + k: v.detach() for k, v in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     write_json_atomic(out_dir / ADAPTER_CONFIG, config)
@@ -261,7 +266,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             rslora=bool(config.get("use_rslora")),
             adapter_dtype=_stored_adapter_dtype(tensors),
         )
-    own = adapter_state_dict(model)
+    if config.get("trainable_token_indices") and getattr(model, "qlora_tokens", None) is None:
+        _apply_saved_tokens(model, config, adapter_dir)
+    own = {**adapter_state_dict(model), **token_state_dict(model)}
     unexpected = sorted(set(tensors) - set(own))
     if unexpected:
         raise AdapterError(
@@ -284,6 +291,21 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         for name, tensor in tensors.items():
             own[name].copy_(tensor.to(own[name].dtype))
     return model.eval()
+
+
+def _apply_saved_tokens(model: nn.Module, config: dict, adapter_dir: str | Path) -> None:
+    """Grow the base to the adapter's recorded size (mean rows, as training did) and wrap its trainable rows."""
+    spec = config["trainable_token_indices"]
+    indices = spec if isinstance(spec, list) else spec.get("embed_tokens") or next(iter(spec.values()))
+    record = config.get(QLORA_KEY) or {}
+    rows = max(int(record.get("vocab_size") or 0), max(indices) + 1)
+    resize_embeddings(model, rows)
+    if isinstance(spec, dict) and any(sorted(v) != sorted(indices) for v in spec.values()):
+        raise AdapterError(
+            f"the adapter in {adapter_dir} trains different token rows in different modules, which load_adapter "
+            "does not support; give embed_tokens and lm_head the same trainable_token_indices."
+        )
+    apply_trainable_tokens(model, indices)
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -64,6 +64,7 @@ def check_quant_record(record: object, where: str | Path) -> None:
         "double_quant": (lambda v: isinstance(v, bool), "true or false"),
         "blocksize": (_is_int, "a whole number such as 64"),
         "int8_threshold": (_is_number, "a finite number such as 6.0"),
+        "vocab_size": (lambda v: _is_int(v) and v > 0, "a positive whole number (the resized embedding's rows)"),
     }
     for key, (ok, expected) in types.items():
         if key in record and not ok(record[key]):
@@ -115,9 +116,22 @@ def check_adapter_config(config: object, where: str | Path) -> dict:
         raise _wrong(where, "bias", config["bias"], 'a string ("none")')
     _check_patterns(where, "rank_pattern", config.get("rank_pattern"), rank=True)
     _check_patterns(where, "alpha_pattern", config.get("alpha_pattern"), rank=False)
+    _check_token_indices(where, config.get("trainable_token_indices"))
     if QLORA_KEY in config:
         check_quant_record(config[QLORA_KEY], where)
     return config
+
+
+def _check_token_indices(where: str | Path, value: object) -> None:
+    """peft's `trainable_token_indices`: null, a list of token ids, or module name -> list of token ids."""
+    if value is None:
+        return
+    lists = value.values() if isinstance(value, dict) else [value]
+    ok = (isinstance(value, dict) and value or isinstance(value, list)) and all(
+        isinstance(ids, list) and ids and all(_is_int(i) and i >= 0 for i in ids) for ids in lists
+    )
+    if not ok:
+        raise _wrong(where, "trainable_token_indices", value, 'token ids, as a list or {"embed_tokens": [ids]}')
 
 
 __all__ = ["read_adapter_config_file", "check_adapter_config", "check_quant_record", "QLORA_KEY"]

@@ -146,6 +146,11 @@ def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
                 keys.setdefault(name[: -len(suffix)], {})[part] = key
                 break
         else:
+            if name.endswith(".trainable_tokens_delta"):
+                raise AdapterError(
+                    f"the adapter in {adapter.path.parent} trains new token rows ({key!r}), which the merged export does "
+                    "not support yet; use the adapter itself (peft or qlora-lite chat) on the resized base."
+                )
             raise AdapterError(
                 f"adapter tensor {key!r} is not a LoRA A/B matrix (embedding LoRA, biases and modules_to_save are not supported); re-train a plain LoRA adapter."
             )

@@ -55,22 +55,29 @@ def check_resume_settings(state: dict, config: TrainConfig, path: Path) -> None:
 
 
 def data_fingerprint(config: TrainConfig) -> dict:
-    """What the run trains and evaluates on, by role ("train", "eval"): a file's path, size and sha256, or a
-    Hugging Face dataset's name (its contents are not fingerprinted). A file that cannot be read is left out:
-    loading the data reports it."""
+    """What the run trains and evaluates on, by role ("train", "eval"; "train[1]" for the second of several
+    sources): a file's path, size and sha256, or a Hugging Face dataset's name (its contents are not
+    fingerprinted). A file that cannot be read is left out: loading the data reports it."""
     found: dict[str, dict] = {}
     for role in ("train", "eval"):
-        source = getattr(config.data, role)
-        if not source:
-            continue
-        path = Path(source)
-        try:
-            if path.is_file():
-                found[role] = {"file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-            elif not path.exists():
-                found[role] = {"dataset": str(source)}
-        except OSError:
-            continue
+        value = getattr(config.data, role)
+        if isinstance(value, list):
+            named = [
+                (f"{role}[{i}]", item.get("path") if isinstance(item, dict) else item) for i, item in enumerate(value)
+            ]
+        else:
+            named = [(role, value)]
+        for name, source in named:
+            if not source or not isinstance(source, str):
+                continue
+            path = Path(source)
+            try:
+                if path.is_file():
+                    found[name] = {"file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+                elif not path.exists():
+                    found[name] = {"dataset": str(source)}
+            except OSError:
+                continue
     return found
 
 

@@ -6,6 +6,9 @@ Here the rows are processed `chunk_size` tokens at a time: each chunk's fp32 log
 immediately, its gradient with respect to the hidden states (softmax - one-hot), so only one chunk of
 logits ever exists and backward just scales the stored hidden-state gradient (as Liger-Kernel's fused
 linear cross-entropy does). A frozen `lm_head` gets no gradient; a trainable one accumulates it per chunk.
+
+Packed batches (`position_ids` restarting at 0 per record) get block-diagonal causal attention
+(`packed_attention`), so the records of a pack never attend to each other.
 """
 
 from __future__ import annotations
@@ -130,6 +133,38 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
 
 
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """Segment index of every token of a packed batch: a new segment starts wherever a position is not the previous
+    one plus 1 (as transformers' `find_packed_sequence_indices` reads packed position ids)."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def packed_attention(model: nn.Module, position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(attention_mask, position_ids) to pass for a packed batch so that each record attends only to itself.
+
+    flash-attention (and any other implementation than sdpa/eager, e.g. flex) gets no mask: transformers derives the
+    packed layout from `position_ids` itself there. sdpa gets a boolean [b, 1, s, s] block-diagonal causal mask
+    (True = attend) and eager the same as an additive mask (0 or the dtype's minimum); transformers passes a 4D mask
+    through as it is. Right padding forms segments of its own, so real tokens never see it.
+    """
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return None, position_ids
+    seg = packed_segments(position_ids)
+    s = position_ids.shape[1]
+    causal = torch.ones((s, s), dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seg.unsqueeze(2) == seg.unsqueeze(1)) & causal  # [b, s, s]
+    allowed = allowed.unsqueeze(1)
+    if impl == "sdpa":
+        return allowed, position_ids
+    dtype = model.get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return additive.masked_fill_(~allowed, torch.finfo(dtype).min), position_ids
+
+
 def causal_lm_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -138,23 +173,30 @@ def causal_lm_loss(
     *,
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
     normalizer: float | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token loss of a causal LM; chunked `lm_head` + cross-entropy when the model allows it.
 
     Equals `model(input_ids, labels=labels).loss` (a mean over labelled tokens) when `normalizer` is None;
     pass the token count of a whole accumulated batch as `normalizer` to sum micro-batches correctly.
-    `chunk_size` <= 0 computes the full logits as transformers does.
+    `chunk_size` <= 0 computes the full logits as transformers does. `position_ids` (a packed batch: positions
+    restart at 0 per record) replace `attention_mask` by block-diagonal causal attention (`packed_attention`).
     """
+    extra = {}
+    if position_ids is not None:
+        attention_mask, extra["position_ids"] = packed_attention(model, position_ids)
     targets = shift_labels(labels)
     if normalizer is None:
         normalizer = float(max(int((targets != IGNORE_INDEX).sum()), 1))
     if chunk_size <= 0 or not supports_chunked_loss(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits.float()
         losses = nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         return losses / normalizer
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+    ).last_hidden_state
     head = model.get_output_embeddings()
     return chunked_cross_entropy(
         hidden.flatten(0, 1),

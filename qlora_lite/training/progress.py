@@ -65,6 +65,14 @@ class RichReporter(Reporter):
             line += f", {stats.dropped_no_target} dropped (no target token left after truncation)"
         if info["eval"] is not None:
             line += f"; eval: {info['eval'].sequences} sequences"
+        sources = getattr(stats, "sources", [])
+        if len(sources) > 1:  # one line per source: what it read and what it puts in an epoch
+            width = max(len(f"{s.name} ({s.path})") for s in sources)
+            for s in sources:
+                line += (
+                    f"\n  {escape(f'{s.name} ({s.path})'.ljust(width))}  {s.records} records -> {s.sequences} sequences, "
+                    f"{_human(s.tokens)} tokens, {_human(s.target_tokens)} with loss"
+                )
         line += f"\n{_start_line(info)}"
         for notice in info.get("notices", []):
             line += f"\n{escape(notice)}"

@@ -13,6 +13,7 @@ from ..data.chat import FALLBACK_CHAT_TEMPLATE, check_chat_template, read_chat_t
 from ..data.encode import TokenizedDataset, prepare_data
 from ..errors import ConfigError, DataError
 from ..model import loader
+from ..model.embeddings import add_special_tokens, apply_trainable_tokens, resize_embeddings
 from ..model.lora import apply_lora
 from .checkpointing import enable_gradient_checkpointing
 from .optim import AdapterOptimizer
@@ -67,9 +68,20 @@ def finish_chat_template(data: DataConfig, tokenizer, uses_messages: bool) -> li
     return notices
 
 
-def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
-    """Tokenizer and data (checked first), then the quantized base with LoRA, checkpointing and the optimizer."""
-    s = config.train
+@dataclass
+class PreparedData:
+    """The tokenizer and encoded data of a run, before its model loads."""
+
+    tokenizer: object
+    train_data: TokenizedDataset
+    eval_data: TokenizedDataset | None
+    notices: list[str]
+    new_token_ids: list[int]  # ids of tokens `data.add_special_tokens` added to the tokenizer
+
+
+def prepare_tokenizer_and_data(config: TrainConfig) -> PreparedData:
+    """The tokenizer and data exactly as a run prepares them, without loading the weights: the model's config.json
+    and tokenizer are checked against the data settings, then the records are encoded."""
     model_dir = loader.check_model_dir(config.model, config.revision)
     model_config = loader.load_config(model_dir, config.trust_remote_code)  # before the tokenizer, which reads it too
     tokenizer = loader.load_tokenizer_from(model_dir, config.trust_remote_code)
@@ -78,11 +90,16 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
             f"the model directory {model_dir} has no tokenizer files; copy the tokenizer next to config.json."
         )
     text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    new_token_ids = add_special_tokens(tokenizer, list(config.data.add_special_tokens))
     embedding_rows = getattr(text_config, "vocab_size", None)
-    if embedding_rows and len(tokenizer) > embedding_rows:  # a token id past the embedding fails at step 1
-        raise DataError(
+    if embedding_rows and len(tokenizer) > embedding_rows and not config.data.resize_embeddings:
+        raise DataError(  # a token id past the embedding fails at step 1
             f"the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's embedding has {embedding_rows} "
-            "rows; use the tokenizer that came with the model."
+            "rows; use the tokenizer that came with the model, or set data.resize_embeddings: true to grow it."
+        )
+    if config.lora.modules_to_save:
+        raise ConfigError(
+            "lora.modules_to_save is not supported yet; leave it empty (new tokens' rows train on their own)."
         )
     context = getattr(text_config, "max_position_embeddings", None)
     if context and config.data.max_seq_len > context:
@@ -91,17 +108,32 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
             f"set data.max_seq_len <= {context}."
         )
     choose_chat_template(config.data, tokenizer)
-    train_ds, eval_ds = prepare_data(config.data, tokenizer, s.seed)
+    train_ds, eval_ds = prepare_data(config.data, tokenizer, config.train.seed)
     notices = finish_chat_template(config.data, tokenizer, _uses_messages(train_ds, eval_ds))
+    return PreparedData(tokenizer, train_ds, eval_ds, notices, list(new_token_ids))
+
+
+def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
+    """Tokenizer and data (checked first), then the quantized base with LoRA, checkpointing and the optimizer."""
+    s = config.train
+    data = prepare_tokenizer_and_data(config)
+    tokenizer, train_ds, eval_ds, notices, new_token_ids = (
+        data.tokenizer, data.train_data, data.eval_data, data.notices, data.new_token_ids
+    )  # fmt: skip
+    model_dir = loader.check_model_dir(config.model, config.revision)
     q, lc = config.quant, config.lora
     model, _ = loader.load_quantized(
         model_dir, q.bits, q.quant_type, q.double_quant, device, lc.target_modules, blocksize=q.blocksize,
         int8_threshold=q.int8_threshold, trust_remote_code=config.trust_remote_code, load_tokenizer=False,
     )  # fmt: skip
+    if config.data.resize_embeddings:
+        new_token_ids += resize_embeddings(model, len(tokenizer))
     apply_lora(
         model, lc.r, lc.alpha, lc.dropout, lc.target_modules, rslora=lc.rslora,
         adapter_dtype=getattr(torch, lc.adapter_dtype), seed=s.seed,
     )  # fmt: skip
+    if new_token_ids:  # peft's trainable_token_indices: only the new rows of embed_tokens / lm_head train
+        apply_trainable_tokens(model, new_token_ids)
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=s.offload_activations)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -65,8 +65,10 @@ def forward_loss_sum(
     """fp32 next-token cross-entropy of one micro-batch summed over targets and divided by `normalizer`.
 
     With `loss_chunk_tokens` > 0, `lm_head` + cross-entropy run chunk by chunk (`loss.causal_lm_loss`) and the
-    full-vocabulary logits never exist; 0 computes transformers' full logits first.
+    full-vocabulary logits never exist; 0 computes transformers' full logits first. A packed batch's
+    `position_ids` go through too, so its records attend only to themselves.
     """
+    positions = batch.get("position_ids")
     with autocast_context(device, bf16):
         return causal_lm_loss(
             model,
@@ -75,6 +77,7 @@ def forward_loss_sum(
             batch["attention_mask"].to(device),
             chunk_size=loss_chunk_tokens,
             normalizer=normalizer,
+            position_ids=None if positions is None else positions.to(device),
         )
 
 

@@ -1,0 +1,179 @@
+"""New special tokens: added to the tokenizer, the embeddings grown to fit (mean rows), only the new rows trained
+(peft's trainable_token_indices), the adapter loaded by peft onto the resized base, resume, and the merged export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qlora_lite import load_adapter, load_quantized
+from qlora_lite.config.load import config_from_dict
+from qlora_lite.training.loop import train
+from tests.helpers import rel_err
+
+NEW = ["<|im_start|>", "<|im_end|>"]
+OLD_ROWS = 259  # make_tokenizer's length: the base's embedding is exactly the tokenizer
+TOLERANCE = 1e-2  # as the LoRA parity tests: peft computes the adapter in fp32 where we use bf16
+EMBED = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+HEAD = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+
+
+def _chat_data(path) -> None:
+    rows = []
+    for i in range(8):
+        text = f"<|im_start|>user {i}<|im_end|>"
+        rows.append({"prompt": f"q{i}: ", "completion": text * 2})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _settings(base, tmp_path, out: str, steps: int = 3) -> dict:
+    _chat_data(tmp_path / "train.jsonl")
+    return {
+        "model": str(base),
+        "output_dir": str(tmp_path / out),
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {
+            "train": str(tmp_path / "train.jsonl"),
+            "max_seq_len": 48,
+            "add_special_tokens": NEW,
+            "resize_embeddings": True,
+        },
+        "train": {
+            "max_steps": steps, "micro_batch_size": 2, "lr": 5e-2, "optimizer": "adamw", "seed": 3, "warmup_steps": 0,
+            "schedule": "constant",
+            "log_every": 1, "save_every": 2,
+        },
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """(base dir, run dir) of a 3-step run that added NEW and grew the embedding from 259 to 261 rows."""
+    base = tiny_model_dir("llama", vocab_size=OLD_ROWS)
+    tmp = tmp_path_factory.mktemp("new-tokens")
+    train(config_from_dict(_settings(base, tmp, "run")), progress=False)
+    return base, tmp / "run"
+
+
+def _resized_reference(base) -> torch.nn.Module:
+    """transformers' own fp32 model grown to 261 rows, new rows the mean of the old (what our loader does)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = module.weight.data
+        mean = weight.mean(0, keepdim=True).to(torch.bfloat16).float()
+        module.weight = torch.nn.Parameter(torch.cat([weight, mean.expand(len(NEW), -1)]))
+    model.config.vocab_size = OLD_ROWS + len(NEW)
+    return model.eval()
+
+
+def test_adapter_files_are_peft_trainable_tokens(trained):
+    base, run = trained
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": [259, 260], "lm_head": [259, 260]}
+    assert config["qlora_lite"]["vocab_size"] == 261
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert tensors[EMBED].shape == (2, 64) and tensors[HEAD].shape == (2, 64)
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    assert len(tokenizer) == 261 and tokenizer.convert_tokens_to_ids(NEW) == [259, 260]
+    assert tokenizer("<|im_end|>", add_special_tokens=False).input_ids == [260]
+
+
+def test_only_new_rows_train(trained):
+    base, run = trained
+    ours, _ = load_quantized(base, device="cpu")
+    original = ours.get_input_embeddings().weight.detach().clone()
+    load_adapter(ours, run / "adapter")
+    embed = ours.get_input_embeddings()
+    merged = embed.weight.detach()
+    assert torch.equal(merged[:OLD_ROWS], original)  # the old rows are the base's, untouched
+    mean = original.float().mean(0).to(torch.bfloat16)
+    for row in (259, 260):  # the new rows left the mean they started from
+        assert (merged[row].float() - mean.float()).abs().max() > 1e-3
+    assert not embed.base_layer.weight.requires_grad
+
+
+def test_peft_loads_adapter_onto_resized_base(trained):
+    base, run = trained
+    ids = torch.tensor([[1, 259, 70, 80, 260, 259, 90, 5]])
+    ours, _ = load_quantized(base, device="cpu", target_modules=["q_proj", "v_proj"])
+    load_adapter(ours, run / "adapter")
+    with torch.no_grad():
+        got = ours(input_ids=ids).logits.float()
+    reference = PeftModel.from_pretrained(_resized_reference(base), run / "adapter").eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits.float()
+    # the base's linears are 4-bit in ours, full precision in the reference: compare the adapter's effect on the rows
+    # the adapter alone decides (the new tokens' logits columns move with the trained lm_head rows)
+    assert got.shape == expected.shape == (1, 8, 261)
+    loaded = get_peft_model_state_dict(reference)
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    for key in (EMBED, HEAD):  # peft took our rows as they are
+        assert torch.equal(loaded[key].float(), saved[key].float())
+    assert rel_err(got, expected) < 0.15  # NF4 vs fp32 base on the tiny model
+
+
+def test_peft_parity_on_same_quantized_base(trained):
+    """peft's trainable-token layers over our own quantized, resized base give our logits."""
+    base, run = trained
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_lite.model.embeddings import resize_embeddings
+
+    ids = torch.tensor([[1, 259, 70, 80, 260, 259, 90, 5]])
+    ours, _ = load_quantized(base, device="cpu", target_modules=["q_proj", "v_proj"])
+    load_adapter(ours, run / "adapter")
+    plain, _ = load_quantized(base, device="cpu", target_modules=["q_proj", "v_proj"])
+    resize_embeddings(plain, 261)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    peft_model = get_peft_model(
+        plain,
+        LoraConfig(
+            r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"],
+            trainable_token_indices=config["trainable_token_indices"],
+        ),
+    )  # fmt: skip
+    from peft.utils import set_peft_model_state_dict
+
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(peft_model, {k: v.float() for k, v in tensors.items()})
+    assert not result.unexpected_keys
+    for module in peft_model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        got = ours.eval()(input_ids=ids).logits.float()
+        expected = peft_model.eval()(input_ids=ids).logits.float()
+    assert rel_err(got, expected) < TOLERANCE
+
+
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("llama", vocab_size=OLD_ROWS)
+    straight = _settings(base, tmp_path, "straight", steps=4)
+    train(config_from_dict(straight), progress=False)
+    stopped = _settings(base, tmp_path, "stopped", steps=2)
+    train(config_from_dict(stopped), progress=False)
+    resumed = dict(stopped, train=dict(stopped["train"], max_steps=4))
+    train(config_from_dict(resumed), resume=True, progress=False)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and EMBED in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_merged_export_refuses_token_rows_in_one_sentence(trained, tmp_path):
+    """Cut for now: the merged export says it cannot write the trained rows instead of dropping them silently."""
+    from qlora_lite.errors import AdapterError
+    from qlora_lite.export.hf_dir import run_export
+
+    base, run = trained
+    with pytest.raises(AdapterError, match="trains new token rows") as info:
+        run_export(base, run / "adapter", tmp_path / "merged", device="cpu")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "merged").exists()
