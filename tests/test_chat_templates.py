@@ -264,3 +264,24 @@ def test_a_template_that_refuses_the_system_turn_fails_on_the_data(tok):
     tokenizer.chat_template = refusing
     with pytest.raises(DataError, match=r"r: the chat template cannot render this conversation \(no system role\)"):
         build_dataset([("r", {"messages": CONVERSATION})], tokenizer, 128, system_prompt="Be brief.")
+
+
+def test_added_chatml_tokens_replace_the_fallback_with_real_special_tokens():
+    """A tokenizer without a template, with <|im_start|> / <|im_end|> added: ChatML with each marker one token."""
+    from qlora_lite.model.embeddings import add_special_tokens
+    from qlora_lite.training.setup import CHATML_NOTICE
+
+    def prepared(tokens):
+        tok = make_tokenizer(chat_template=False)
+        ids = add_special_tokens(tok, tokens)
+        notices = choose_chat_template(DataConfig(add_special_tokens=tokens, resize_embeddings=True), tok)
+        return tok, ids, notices
+
+    tok, (start, end), notices = prepared(["<|im_start|>", "<|im_end|>"])
+    assert notices == [CHATML_NOTICE] and tok.chat_template == CHATML_CHAT_TEMPLATE
+    example = build_dataset([("messages", RECORDS[0])], tok, 192).examples[0]
+    assert example.input_ids.count(start) == len(RECORDS[0]["messages"])  # one token per turn marker
+    answer_end = [i for i, t in enumerate(example.input_ids) if t == end][-1]
+    assert example.labels[answer_end] == end  # the assistant's <|im_end|> is trained: it ends the turn
+    tok, _, notices = prepared(["<|im_start|>"])  # not both markers: nothing chosen here, the fallback follows
+    assert notices == [] and not getattr(tok, "chat_template", None)

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config.settings import DataConfig, TrainConfig
-from ..data.chat import FALLBACK_CHAT_TEMPLATE, check_chat_template, read_chat_template, with_default_system
+from ..data.chat import (
+    FALLBACK_CHAT_TEMPLATE,
+    KNOWN_TEMPLATES,
+    check_chat_template,
+    read_chat_template,
+    with_default_system,
+)
 from ..data.encode import TokenizedDataset, prepare_data
 from ..errors import ConfigError, DataError
 from ..model import loader
@@ -42,13 +48,25 @@ def _uses_messages(*datasets: TokenizedDataset | None) -> bool:
     return any(ds is not None and ds.stats.formats.get("messages") for ds in datasets)
 
 
-def choose_chat_template(data: DataConfig, tokenizer) -> None:
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML_NOTICE = (
+    "the tokenizer has no chat template and data.add_special_tokens adds <|im_start|> and <|im_end|>, so messages "
+    "records use ChatML with those as single tokens (set data.chat_template to choose another)"
+)
+
+
+def choose_chat_template(data: DataConfig, tokenizer) -> list[str]:
     """Set `tokenizer.chat_template` to what `data.chat_template` names (checked to render); empty keeps the
-    tokenizer's own. Raises `ConfigError` naming the setting."""
+    tokenizer's own, and a tokenizer without one to which the user adds ChatML's markers gets ChatML (real special
+    tokens rather than the fallback's text markers). Returns the notices; raises `ConfigError` naming the setting."""
     if data.chat_template:
         template = read_chat_template(data.chat_template)
         check_chat_template(tokenizer, template, f"data.chat_template {data.chat_template}")
         tokenizer.chat_template = template
+    elif not getattr(tokenizer, "chat_template", None) and set(CHATML_TOKENS) <= set(data.add_special_tokens):
+        tokenizer.chat_template = KNOWN_TEMPLATES["chatml"]
+        return [CHATML_NOTICE]
+    return []
 
 
 def finish_chat_template(data: DataConfig, tokenizer, uses_messages: bool) -> list[str]:
@@ -107,9 +125,9 @@ def prepare_tokenizer_and_data(config: TrainConfig) -> PreparedData:
             f"data.max_seq_len is {config.data.max_seq_len}, longer than the model's context of {context} tokens; "
             f"set data.max_seq_len <= {context}."
         )
-    choose_chat_template(config.data, tokenizer)
+    notices = choose_chat_template(config.data, tokenizer)
     train_ds, eval_ds = prepare_data(config.data, tokenizer, config.train.seed)
-    notices = finish_chat_template(config.data, tokenizer, _uses_messages(train_ds, eval_ds))
+    notices += finish_chat_template(config.data, tokenizer, _uses_messages(train_ds, eval_ds))
     return PreparedData(tokenizer, train_ds, eval_ds, notices, list(new_token_ids))
 
 
