@@ -388,3 +388,40 @@ def test_errors_are_qlora_lite_errors():
         estimate_memory("llama-3.2-1b", rank=-1)
     with pytest.raises(ConfigError, match="unknown memory setting 'bogus'"):
         estimate_memory("llama-3.2-1b", bogus=1)
+
+
+# -------------------------------------------------------------------------------- new token rows
+
+
+def test_trained_token_rows_add_their_delta_gradient_master_and_adam_state(tiny_model_dir):
+    """2 new tokens on the tiny llama (hidden 64, untied head): two bf16 [2, 64] deltas of 128 values each."""
+    model_dir = tiny_model_dir("llama")
+    without = estimate_memory(model_dir, device="cpu", optimizer="adamw")
+    with_rows = estimate_memory(model_dir, device="cpu", optimizer="adamw", trainable_token_rows=2)
+    numel = 2 * 2 * 64
+    delta = {name: with_rows.size(name) - without.size(name) for name in with_rows.components}
+    assert delta["lora_adapters"] == 2 * numel  # the bf16 deltas
+    assert delta["optimizer_state"] == 4 * numel + 2 * (2 * 4 * 128 + 4)  # fp32 masters + AdamW's two moments + step
+    assert delta["lora_gradients"] == 2 * numel  # their bf16 .grad in backward
+    assert delta["gradient_accumulation"] == 4 * numel  # fp32 .grad on the masters across micro-batches
+    assert with_rows.total - without.total == 512 + 3080 + 512 + 1024
+    assert with_rows.details["adapter_parameters"] - without.details["adapter_parameters"] == numel
+
+
+def test_tied_head_shares_the_embedding_delta():
+    without = estimate_memory("llama-3.2-1b", optimizer="adamw")
+    with_rows = estimate_memory("llama-3.2-1b", optimizer="adamw", trainable_token_rows=2)
+    assert with_rows.size("lora_adapters") - without.size("lora_adapters") == 2 * (2 * 2048)  # one [2, 2048] delta
+
+
+def test_token_rows_come_from_the_config_only_when_resizing(tiny_model_dir):
+    from qlora_lite.config.load import config_from_dict
+    from qlora_lite.memory.settings import settings_from_config
+
+    data = {"train": "unused.jsonl", "add_special_tokens": ["<a>", "<b>", "<c>"], "resize_embeddings": True}
+    config = config_from_dict({"model": str(tiny_model_dir("llama")), "data": data})
+    assert settings_from_config(config, device="cpu").trainable_token_rows == 3
+    plain = config_from_dict({"model": str(tiny_model_dir("llama")), "data": {"train": "unused.jsonl"}})
+    assert settings_from_config(plain, device="cpu").trainable_token_rows == 0
+    with pytest.raises(ConfigError, match="trainable_token_rows is -1"):
+        estimate_memory("llama-3.2-1b", trainable_token_rows=-1)

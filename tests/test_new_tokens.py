@@ -1,5 +1,6 @@
 """New special tokens: added to the tokenizer, the embeddings grown to fit (mean rows), only the new rows trained
-(peft's trainable_token_indices), the adapter loaded by peft onto the resized base, resume, and the merged export."""
+(peft's trainable_token_indices), the adapter loaded by peft onto the resized base, resume, and the merged export
+(the vocabulary grown, the trained rows written, logits equal to the adapter's)."""
 
 from __future__ import annotations
 
@@ -167,13 +168,82 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_merged_export_refuses_token_rows_in_one_sentence(trained, tmp_path):
-    """Cut for now: the merged export says it cannot write the trained rows instead of dropping them silently."""
-    from qlora_lite.errors import AdapterError
+@pytest.fixture(scope="module")
+def merged(trained, tmp_path_factory):
+    """The merged fp16 export of the new-tokens adapter."""
     from qlora_lite.export.hf_dir import run_export
 
     base, run = trained
-    with pytest.raises(AdapterError, match="trains new token rows") as info:
-        run_export(base, run / "adapter", tmp_path / "merged", device="cpu")
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "merged").exists()
+    out = tmp_path_factory.mktemp("merged-tokens") / "merged"
+    run_export(base, run / "adapter", out, device="cpu")
+    return out
+
+
+def test_merged_export_grows_vocabulary_and_writes_trained_rows(trained, merged):
+    base, run = trained
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.config.vocab_size == 261 == json.loads((merged / "config.json").read_text())["vocab_size"]
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert embed.shape[0] == head.shape[0] == 261 and embed.dtype == torch.float16
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer("<|im_end|>", add_special_tokens=False).input_ids == [260]
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(embed[259:].detach(), saved[EMBED].to(torch.float16))
+    assert torch.equal(head[259:].detach(), saved[HEAD].to(torch.float16))
+    original = load_file(base / "model.safetensors")
+    key = next(k for k in original if k.endswith("embed_tokens.weight"))
+    assert torch.equal(embed[:OLD_ROWS].detach(), original[key].to(torch.float16))  # old rows: the base's, cast
+
+
+def test_merged_export_logits_match_adapter_on_quantized_base(trained, merged):
+    from qlora_lite.export.verify import (
+        VERIFY_TOLERANCE,
+        compare_logits,
+        merged_logits,
+        reference_logits,
+        verify_merged,
+    )
+
+    base, run = trained
+    ids = torch.tensor([[1, 259, 70, 80, 260, 259, 90, 5], [260, 3, 259, 259, 44, 260, 7, 258]])
+    expected = reference_logits(base, run / "adapter", ids)
+    actual, dtype = merged_logits(merged, ids)
+    assert dtype == "float16" and actual.shape == expected.shape == (2, 8, 261)
+    largest, _ = compare_logits(actual, expected)
+    assert largest < VERIFY_TOLERANCE
+    assert verify_merged(merged, base, run / "adapter").max_rel < VERIFY_TOLERANCE
+
+
+def test_added_rows_not_trained_are_the_mean_as_in_training(trained, tmp_path):
+    """An added row the adapter does not train is written as the loader's mean row (fp32 mean of the bf16 rows)."""
+    from qlora_lite.export.hf_dir import run_export
+    from qlora_lite.model.embeddings import _mean_grown
+
+    base, run = trained
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for f in (run / "adapter").iterdir():
+        (adapter / f.name).write_bytes(f.read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["qlora_lite"]["vocab_size"] = 264  # three more rows than the adapter trains
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    run_export(base, adapter, tmp_path / "merged", device="cpu", dtype="bfloat16")
+    out = load_file(tmp_path / "merged" / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        expected = _mean_grown(original[key].to(torch.bfloat16), 264)
+        assert out[key].shape == (264, 64)
+        assert torch.equal(out[key][261:], expected[261:])
+        assert torch.equal(out[key][:OLD_ROWS], expected[:OLD_ROWS])
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 264
+
+
+def test_cli_export_verify_passes_on_new_tokens(trained, tmp_path, capsys):
+    from qlora_lite.cli import main
+
+    base, run = trained
+    out = tmp_path / "merged"
+    code = main(["export", "--base", str(base), "--adapter", str(run / "adapter"), "--out", str(out), "--verify"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "largest relative logit difference" in printed

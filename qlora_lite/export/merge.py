@@ -129,6 +129,32 @@ def _merged_tensor(item: _Item, plan: ExportPlan, device: torch.device) -> torch
     return out
 
 
+def _mean_row(item: _Item) -> torch.Tensor:
+    """The new rows' value: the fp32 mean of the base's rows as the loader holds them (bf16), cast back to bf16,
+    as `model.embeddings.resize_embeddings` computes it; a block of columns at a time to bound the fp32 copy."""
+    weight = item.shard.read(item.key, quant.COMPUTE_DTYPE)
+    rows = weight.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(rows, 1))
+    flat = weight.reshape(rows, -1)
+    parts = [flat[:, i : i + step].float().mean(dim=0).to(weight.dtype) for i in range(0, flat.shape[1], step)]
+    return torch.cat(parts).reshape(weight.shape[1:])
+
+
+def _grown_tensor(item: _Item, plan: ExportPlan) -> torch.Tensor:
+    """A resized embedding, head or head bias: the base's rows, the mean row for each added row, then the
+    adapter's trained rows written over their indices; refuses values beyond the output dtype."""
+    base = _copied_tensor(item)  # the checkpoint's rows, as stored
+    out = torch.empty(item.shape, dtype=item.dtype)
+    out[: base.shape[0]] = base
+    del base
+    out[item.shard.shape(item.key)[0] :] = _mean_row(item).to(item.dtype)
+    if item.token_key is not None:
+        rows = plan.adapter.read(item.token_key, torch.float32)
+        _check_range(rows, item.token_key, item.dtype)
+        out[torch.tensor(item.token_rows, dtype=torch.long)] = rows.to(item.dtype)
+    return out
+
+
 def _count_inf(tensor: torch.Tensor) -> int:
     flat = tensor.reshape(-1)
     return sum(int(torch.isinf(flat[i : i + CHUNK_ELEMENTS]).sum()) for i in range(0, flat.numel(), CHUNK_ELEMENTS))

@@ -31,6 +31,7 @@ from .adapter import (
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 MERGE_MODES = ("dequantized", "original")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+TOKEN_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class _Item:
     conv1d: bool = False
     dequantize: bool = False
     lora: _Lora | None = None
+    grow_to: int = 0  # > 0: rows appended up to this many, each the mean of the base's rows (resized vocabulary)
+    token_key: str | None = None  # the adapter's trained rows (`trainable_tokens_delta`) written over `token_rows`
+    token_rows: list[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -146,15 +150,12 @@ def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
                 keys.setdefault(name[: -len(suffix)], {})[part] = key
                 break
         else:
-            if name.endswith(".trainable_tokens_delta"):
-                raise AdapterError(
-                    f"the adapter in {adapter.path.parent} trains new token rows ({key!r}), which the merged export does "
-                    "not support yet; use the adapter itself (peft or qlora-lite chat) on the resized base."
-                )
+            if name.endswith(TOKEN_SUFFIX):
+                continue  # new token rows: `_plan_token_rows` places them
             raise AdapterError(
                 f"adapter tensor {key!r} is not a LoRA A/B matrix (embedding LoRA, biases and modules_to_save are not supported); re-train a plain LoRA adapter."
             )
-    index = {}
+    index: dict[str, _Lora] = {}
     for module, pair in keys.items():
         if set(pair) != {"lora_A", "lora_B"}:
             missing = "lora_B" if "lora_A" in pair else "lora_A"
@@ -167,7 +168,7 @@ def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
         r = adapter.shape(pair["lora_A"])[0]
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         index[module] = _Lora(pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora"))))
-    if not index:
+    if not index and not any(_module_key(key).endswith(TOKEN_SUFFIX) for key in adapter.keys()):
         raise AdapterError(f"{adapter.path} holds no LoRA tensors; re-save the adapter.")
     return index
 
@@ -188,7 +189,8 @@ def _check_lora_shapes(item: _Item, lora: _Lora, adapter: AdapterWeights) -> Non
 
 
 def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.dtype, trust_remote_code: bool):
-    """Output items for every checkpoint tensor, with the checkpoint key -> model path map and Conv1D flags."""
+    """Output items for every checkpoint tensor, with the checkpoint key -> model path map and Conv1D flags, and
+    the module paths of the input embedding and output head (None where the model has none)."""
     from ..model.checks import check_checkpoint
     from ..model.loader import build_skeleton, is_conv1d, load_config
 
@@ -197,6 +199,9 @@ def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.
     )
     key_maps = check_checkpoint(skeleton, shards, base_dir)  # the base's config must describe its weights
     items, paths, seen = [], {}, set()
+    embed, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    vocab_modules = tuple(names.get(id(m)) if m is not None else None for m in (embed, head))
     for shard, key_map in zip(shards, key_maps):
         for key in shard.keys():
             if key in seen:
@@ -209,8 +214,75 @@ def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.
                 module_path = name[: -len(".weight")]
                 paths[module_path] = item
                 item.conv1d = is_conv1d(skeleton.get_submodule(module_path))
+            elif name is not None and name.endswith(".bias"):
+                paths[name] = item  # by its full name: an output head's bias grows with it
             items.append(item)
-    return items, paths
+    return items, paths, vocab_modules
+
+
+def _token_rows(spec: object, module: str) -> list[int] | None:
+    """The rows `trainable_token_indices` gives `module` (peft: a list for every module, or name -> list)."""
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict):
+        return spec.get(module.rpartition(".")[2], spec.get(module))
+    return None
+
+
+def _plan_token_rows(
+    config: dict,
+    adapter: AdapterWeights,
+    by_path: dict[str, _Item],
+    vocab_modules: tuple[str | None, str | None],
+    model_config: dict,
+    where: Path,
+) -> None:
+    """Grow the embedding and head items to the adapter's `vocab_size` (mean rows) and place its trained rows.
+
+    A head tied to the embedding (no head delta in the adapter) takes the embedding's rows, as in training.
+    `model_config`'s vocab_size (and its text_config's) is set to the new size.
+    """
+    deltas = {_module_key(k)[: -len(TOKEN_SUFFIX)]: k for k in adapter.keys() if _module_key(k).endswith(TOKEN_SUFFIX)}
+    if not deltas:
+        return
+    spec = config.get("trainable_token_indices")
+    embed_path, head_path = vocab_modules
+    rows = int(((config.get("qlora_lite") or {}).get("vocab_size")) or 0)
+    for module in deltas:
+        if module not in (embed_path, head_path) or module not in by_path:
+            raise AdapterError(
+                f"adapter tensor {deltas[module]!r} trains rows of {module}, which is not this base's embedding or "
+                "output head; the adapter belongs to a different base model."
+            )
+    embed_key = deltas.get(embed_path)
+    for module in (embed_path, head_path):
+        item = by_path.get(module)
+        if module is None or item is None or len(item.shape) != 2:
+            continue
+        key = deltas.get(module, embed_key)  # a tied head's rows are the embedding's
+        indices = _token_rows(spec, module) or _token_rows(spec, embed_path or "") or []
+        if key is None or not indices:
+            continue
+        base_rows, dim = item.shape
+        target = max(rows, max(indices) + 1)
+        if target < base_rows or adapter.shape(key) != (len(indices), dim):
+            raise AdapterError(
+                f"adapter tensor {key!r} has shape {list(adapter.shape(key))} for rows {indices} of a "
+                f"{target}-row vocabulary, but the base's {item.key!r} is {list(item.shape)}; the adapter belongs to "
+                "a different base model."
+            )
+        if item.lora is not None or item.dequantize:
+            raise AdapterError(
+                f"the adapter in {where} trains both LoRA and new token rows on {module}, which the merged export "
+                "does not support; re-train without LoRA on that module."
+            )
+        item.shape, item.grow_to, item.token_key, item.token_rows = (target, dim), target, key, list(indices)
+        bias = by_path.get(f"{module}.bias")
+        if bias is not None and len(bias.shape) == 1:
+            bias.shape, bias.grow_to = (target,), target
+        for cfg in (model_config, model_config.get("text_config")):
+            if isinstance(cfg, dict) and ("vocab_size" in cfg or cfg is model_config):
+                cfg["vocab_size"] = target
 
 
 def _assign_shards(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
@@ -254,7 +326,7 @@ def plan_export(
     settings, recorded = adapter_quant_settings(config, Path(adapter_dir) / ADAPTER_CONFIG)
     replace = _check_out_dir(Path(out_dir), base_dir, Path(adapter_dir), overwrite)
 
-    items, by_path = _base_items(base_dir, shards, out_dtype, trust_remote_code)
+    items, by_path, vocab_modules = _base_items(base_dir, shards, out_dtype, trust_remote_code)
     for module, lora in loras.items():
         item = by_path.get(module)
         if item is None or len(item.shape) != 2 or not item.shape[0]:
@@ -270,6 +342,7 @@ def plan_export(
                 by_path[module].dequantize = True
 
     model_config = json.loads((base_dir / "config.json").read_text())
+    _plan_token_rows(config, adapter, by_path, vocab_modules, model_config, Path(adapter_dir))
     plan = ExportPlan(
         base_dir,
         Path(adapter_dir),

@@ -64,19 +64,30 @@ def _compute_in_fp32(model: torch.nn.Module) -> None:
 
 
 def _restore_checkpoint_precision(model: torch.nn.Module, base_path: str | Path) -> None:
-    """Overwrite the model's floating-point (non-quantized) tensors with the checkpoint's values, one at a time."""
+    """Overwrite the model's floating-point (non-quantized) tensors with the checkpoint's values, one at a time.
+
+    A resized embedding or head (new token rows) gets the checkpoint's rows back; its added rows stay as they are.
+    """
     from ..io.safetensors import SafetensorsFile, weight_files
-    from ..model.loader import checkpoint_key_map
+    from ..model.embeddings import TrainableTokens
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    for name, module in model.named_modules():  # rows-trained layers hold the base's rows in their base_layer
+        if isinstance(module, TrainableTokens):
+            params[f"{name}.weight"] = module.base_layer.weight
+    prefix = getattr(model, "base_model_prefix", "")
     for path in weight_files(Path(base_path)):
         shard = SafetensorsFile(path)
-        for key, name in checkpoint_key_map(model, shard.keys()).items():
-            param = params.get(name)
-            if param is None or not param.is_floating_point() or tuple(param.shape) != shard.shape(key):
+        for key in shard.keys():
+            name = next((n for n in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if n in params), None)
+            param, shape = params.get(name) if name else None, shard.shape(key)
+            if param is None or not param.is_floating_point() or param.dim() != len(shape):
                 continue  # packed 4-bit / int8 weights, and buffers the model computes itself
+            grown = bool(shape) and param.shape[0] >= shape[0] and tuple(param.shape[1:]) == shape[1:]
+            if tuple(param.shape) != shape and not grown:
+                continue
             with torch.no_grad():
-                param.copy_(shard.read(key, param.dtype))
+                (param[: shape[0]] if shape else param).copy_(shard.read(key, param.dtype))
 
 
 def reference_logits(

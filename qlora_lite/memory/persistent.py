@@ -36,6 +36,23 @@ def adapter_numels(targets: list[LinearInfo], rank: int) -> list[int]:
     return out
 
 
+def token_numels(inv: Inventory, rows: int) -> list[int]:
+    """Element counts of the new-token deltas ([rows, dim] bf16): the embedding's, and the head's when untied
+    (a tied head shares the embedding's delta, as in `model.embeddings.apply_trainable_tokens`)."""
+    if rows <= 0:
+        return []
+    embed, head = inv.skeleton.get_input_embeddings(), inv.skeleton.get_output_embeddings()
+    out = [rows * embed.weight.shape[1]]
+    if head is not None and head.weight is not embed.weight:
+        out.append(rows * head.weight.shape[1])
+    return out
+
+
+def trainable_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> list[int]:
+    """Every trained tensor's element count: the LoRA A/B matrices, then the new-token deltas."""
+    return adapter_numels(targets, s.rank) + token_numels(inv, s.trainable_token_rows)
+
+
 def optimizer_state_bytes(numels: list[int], optimizer: str) -> tuple[int, int]:
     """(bytes, of which paged) of `AdapterOptimizer`: fp32 masters + the inner optimizer's state tensors."""
     masters = FP32 * sum(numels)  # fp32 master copy of each bf16 adapter tensor

@@ -28,7 +28,12 @@ from ..errors import ConfigError
 from .activations import activation_model, attention_mode, layer_activations, loss_bytes, sdpa_masked, working_sets
 from .constants import BF16, FP32, GiB, MiB
 from .inventory import Inventory, LinearInfo, build_inventory
-from .persistent import adapter_numels, optimizer_state_bytes, quantized_weight_bytes, unquantized_weight_bytes
+from .persistent import (
+    optimizer_state_bytes,
+    quantized_weight_bytes,
+    trainable_numels,
+    unquantized_weight_bytes,
+)
 from .settings import RunSettings, make_settings
 
 CUBLAS_WORKSPACE = 32 * MiB  # torch's default cuBLAS workspace on sm90 (CUBLAS_WORKSPACE_CONFIG=:4096:8), per handle
@@ -95,7 +100,7 @@ class MemoryReport:
 
 
 def _persistent(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> tuple[dict[str, int], int]:
-    numels = adapter_numels(targets, s.rank)
+    numels = trainable_numels(inv, targets, s)
     optimizer, paged = optimizer_state_bytes(numels, s.optimizer_in_use)
     parts = {
         "quantized_weights": quantized_weight_bytes(targets, s),
@@ -124,7 +129,7 @@ def _phases(
     acts = activation_model(inv, targets, s)
     loss_peak, _, _ = loss_bytes(inv, s)
     ws = working_sets(inv, targets, acts, s)
-    numel = sum(adapter_numels(targets, s.rank))
+    numel = sum(trainable_numels(inv, targets, s))
     bf16_grads = BF16 * numel  # .grad of each bf16 adapter tensor, alive from backward to accumulate_grads
     fp32_grads = FP32 * numel  # AdapterOptimizer.accumulate_grads: fp32 .grad on the masters until the step
     accumulated = fp32_grads if s.grad_accum > 1 else 0  # micro-batches after the first run with them alive
@@ -250,7 +255,7 @@ def report_for(inv: Inventory, s: RunSettings) -> MemoryReport:
     details = {
         "parameters": inv.total_params,
         "targeted_layers": len(targets),
-        "adapter_parameters": sum(adapter_numels(targets, s.rank)),
+        "adapter_parameters": sum(trainable_numels(inv, targets, s)),
         "attention": attention_mode(inv, s),
         "default_attention": "eager" if inv.attn_implementation == "eager" else "flash",
         "layers": inv.layers,

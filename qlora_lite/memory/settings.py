@@ -69,6 +69,7 @@ class RunSettings:
     padding: bool | None = None  # None: micro-batches of several unpacked records hold padding
     device: str = "cuda"  # "cuda" or "cpu": which kernels' temporaries, allocator and context apply
     cuda_context_bytes: int = CUDA_CONTEXT
+    trainable_token_rows: int = 0  # new tokens' rows trained (data.add_special_tokens with resize_embeddings)
 
     def __post_init__(self) -> None:
         if self.chunked_loss is None:
@@ -97,6 +98,9 @@ class RunSettings:
             found.append("targets is an empty list; name at least one module (e.g. q_proj,v_proj) or use 'all-linear'")
         if self.attn_implementation not in ATTENTION:
             found.append(f"attn_implementation is {self.attn_implementation!r}; use sdpa, eager or flash_attention_2")
+        rows = self.trainable_token_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            found.append(f"trainable_token_rows is {rows!r}; it must be a whole number, 0 or more")
         if self.device not in ("cuda", "cpu"):
             found.append(f"device is {self.device!r}; use 'cuda' or 'cpu'")
         if self.offload_activations and not self.gradient_checkpointing:
@@ -142,6 +146,10 @@ def make_settings(**run_settings: Any) -> RunSettings:
 
 
 def settings_from_config(config: TrainConfig, device: str = "cuda", **extra: Any) -> RunSettings:
-    """The memory settings of a training config (on `device`), plus memory-only `extra` settings."""
+    """The memory settings of a training config (on `device`), plus memory-only `extra` settings.
+
+    `trainable_token_rows` is the number of added special tokens when the embeddings are resized to train them."""
     values = {name: config.get(key) for name, key in SCHEMA_KEYS.items()}
-    return make_settings(**values, device=device, **extra)
+    if config.get("data.resize_embeddings"):
+        values["trainable_token_rows"] = len(config.get("data.add_special_tokens") or [])
+    return make_settings(**{**values, **extra}, device=device)
