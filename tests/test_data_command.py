@@ -78,3 +78,24 @@ def test_bad_index_is_one_line_exit_2(config_path, capsys):
     assert main(["data", config_path, "--index", "99"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --index 99 is out of range") and "\n" not in err
+
+
+def test_per_source_counts_for_several_sources(tiny_model_dir, tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"q{i} =", "completion": f" a{i}"}) + "\n" for i in range(6)))
+    b.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}!"}) + "\n" for i in range(2)))
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"model": str(tiny_model_dir("llama")), "train": {"max_steps": 1},
+             "data": {"train": [str(a), {"path": str(b), "format": "alpaca"}], "max_seq_len": 64}}
+        )
+    )  # fmt: skip
+    report = _report(capsys, str(cfg))
+    sources = report["sources"]
+    assert [(s["records"], s["sequences"]) for s in sources] == [(6, 6), (2, 2)]
+    assert sum(s["tokens"] for s in sources) == report["counts"]["tokens"]
+    assert sum(s["loss_tokens"] for s in sources) == report["counts"]["loss_tokens"]
+    assert main(["data", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "data.train[1]" in text and "2 records -> 2 sequences" in text

@@ -110,6 +110,17 @@ def describe(config, pick: Callable[[int], list[int]] = lambda n: list(range(min
             "dropped_no_target": st.dropped_no_target,
             "packed": st.packed,
         },
+        "sources": [
+            {
+                "name": s.name,
+                "path": s.path,
+                "records": s.records,
+                "sequences": s.sequences,
+                "tokens": s.tokens,
+                "loss_tokens": s.target_tokens,
+            }
+            for s in st.sources
+        ],  # fmt: skip
         "lengths": length_summary([len(e) for e in ds.examples]),
         "sequences": shown,
     }
@@ -141,6 +152,9 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         f"tokens, {c['loss_tokens']} with loss; {c['truncated']} truncated, {c['dropped_no_target']} dropped "
         "without a target"
     ), soft_wrap=True)  # fmt: skip
+    for s in report["sources"]:  # only when data.train lists several sources
+        out.print(Text(f"  {s['name']} ({s['path']}): {s['records']} records -> {s['sequences']} sequences, "
+                       f"{s['tokens']} tokens, {s['loss_tokens']} with loss"), soft_wrap=True)  # fmt: skip
     out.print(Text(f"tokens per sequence: min {lens['min']}, median {lens['median']:g}, p95 {lens['p95']}, "
                    f"max {lens['max']}"), soft_wrap=True)  # fmt: skip
     return 0
