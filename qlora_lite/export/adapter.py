@@ -20,7 +20,14 @@ from ..errors import AdapterError, ConfigError
 from ..io.atomic import save_safetensors_atomic, write_json_atomic
 from ..model import quant
 from ..model.embeddings import apply_trainable_tokens, resize_embeddings, token_state_dict
-from ..model.lora import adapter_state_dict, apply_lora, lora_layers, lora_scaling
+from ..model.lora import (
+    adapter_state_dict,
+    apply_lora,
+    apply_modules_to_save,
+    lora_layers,
+    lora_scaling,
+    saved_modules_state_dict,
+)
 from .adapter_config import QLORA_KEY, check_quant_record, read_adapter_config_file
 
 PEFT_PREFIX = "base_model.model."
@@ -77,7 +84,7 @@ def adapter_config_dict(model: nn.Module) -> dict:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": list(getattr(model, "qlora_modules_to_save", None) or []) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -89,7 +96,8 @@ def adapter_config_dict(model: nn.Module) -> dict:
     record = _quant_record(model)
     if record is not None:
         config[QLORA_KEY] = record
-    if config["trainable_token_indices"]:  # the resized base's rows, so export and chat can grow the base the same
+    # the resized base's rows, so export and chat can grow the base the same
+    if config["trainable_token_indices"] or config["modules_to_save"]:
         config.setdefault(QLORA_KEY, {})["vocab_size"] = int(model.get_input_embeddings().weight.shape[0])
     return config
 
@@ -104,7 +112,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"adapter output path {out_dir} is a file; choose a directory path for the adapter.")
-    state = {**adapter_state_dict(model), **token_state_dict(model)}
+    state = {**adapter_state_dict(model), **token_state_dict(model), **saved_modules_state_dict(model)}
     tensors = {PEFT_PREFIX + k: v.detach() for k, v in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -136,10 +144,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     config = read_adapter_config_file(path)
     if config.get("use_dora"):
         raise AdapterError(f"{path} is a DoRA adapter, which qlora-lite does not support.")
-    if config.get("modules_to_save"):
-        raise AdapterError(
-            f"{path} has fully trained modules_to_save {config['modules_to_save']}, which qlora-lite does not support; re-train without them."
-        )
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(n, str) and n for n in saved)):
+        raise AdapterError(f"{path} has modules_to_save {saved!r}, not a list of module names; re-save the adapter.")
     if config.get("bias", "none") != "none":
         raise AdapterError(
             f"{path} trains biases (bias={config['bias']!r}), which qlora-lite does not support; re-train with bias 'none'."
@@ -264,11 +271,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             dropout=float(config.get("lora_dropout") or 0.0),
             target_modules=targets if isinstance(targets, str) else list(targets),
             rslora=bool(config.get("use_rslora")),
-            adapter_dtype=_stored_adapter_dtype(tensors),
+            adapter_dtype=_stored_adapter_dtype({k: v for k, v in tensors.items() if ".lora_" in k}),
         )
     if config.get("trainable_token_indices") and getattr(model, "qlora_tokens", None) is None:
         _apply_saved_tokens(model, config, adapter_dir)
-    own = {**adapter_state_dict(model), **token_state_dict(model)}
+    if config.get("modules_to_save") and getattr(model, "qlora_modules_to_save", None) is None:
+        _apply_saved_modules(model, config, adapter_dir)
+    own = {**adapter_state_dict(model), **token_state_dict(model), **saved_modules_state_dict(model)}
     unexpected = sorted(set(tensors) - set(own))
     if unexpected:
         raise AdapterError(
@@ -306,6 +315,15 @@ def _apply_saved_tokens(model: nn.Module, config: dict, adapter_dir: str | Path)
             "does not support; give embed_tokens and lm_head the same trainable_token_indices."
         )
     apply_trainable_tokens(model, indices)
+
+
+def _apply_saved_modules(model: nn.Module, config: dict, adapter_dir: str | Path) -> None:
+    """Grow the base to the recorded vocabulary and make the modules_to_save trainable, as training did."""
+    resize_embeddings(model, int((config.get(QLORA_KEY) or {}).get("vocab_size") or 0))
+    try:
+        apply_modules_to_save(model, list(config["modules_to_save"]))
+    except ConfigError as exc:
+        raise AdapterError(f"the adapter in {adapter_dir} cannot be loaded: {str(exc).rstrip('.')}.") from None
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -360,21 +378,9 @@ def adapter_quantized_modules(config: dict) -> list[str] | None:
 
 
 __all__ = [
-    "PEFT_PREFIX",
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
-    "QLORA_KEY",
-    "adapter_config_dict",
-    "save_adapter",
-    "read_adapter_config",
-    "read_adapter_tensors",
-    "read_adapter",
-    "check_adapter_ranks",
-    "AdapterWeights",
-    "load_adapter",
-    "adapter_quant_settings",
-    "adapter_quantized_modules",
-]
+    "PEFT_PREFIX", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "QLORA_KEY", "adapter_config_dict", "save_adapter", "read_adapter_config",
+    "read_adapter_tensors", "read_adapter", "check_adapter_ranks", "AdapterWeights", "load_adapter", "adapter_quant_settings", "adapter_quantized_modules",
+]  # fmt: skip
 
 
 def load_base_with_adapter(

@@ -155,6 +155,13 @@ def _grown_tensor(item: _Item, plan: ExportPlan) -> torch.Tensor:
     return out
 
 
+def _saved_tensor(item: _Item, plan: ExportPlan) -> torch.Tensor:
+    """A modules_to_save tensor: the adapter's trained values whole, cast to the output dtype (range checked)."""
+    values = plan.adapter.read(item.saved_key, torch.float32)
+    _check_range(values, item.saved_key, item.dtype)
+    return values.to(item.dtype)
+
+
 def _count_inf(tensor: torch.Tensor) -> int:
     flat = tensor.reshape(-1)
     return sum(int(torch.isinf(flat[i : i + CHUNK_ELEMENTS]).sum()) for i in range(0, flat.numel(), CHUNK_ELEMENTS))

@@ -17,7 +17,7 @@ from ..config.settings import QuantConfig
 from ..config.units import parse_size
 from ..errors import AdapterError, ConfigError, ExportError
 from ..io.safetensors import SafetensorsFile, weight_files
-from ..model.lora import lora_scaling
+from ..model.lora import lora_scaling, matches_module_entry
 from .adapter import (
     ADAPTER_CONFIG,
     AdapterWeights,
@@ -55,6 +55,7 @@ class _Item:
     grow_to: int = 0  # > 0: rows appended up to this many, each the mean of the base's rows (resized vocabulary)
     token_key: str | None = None  # the adapter's trained rows (`trainable_tokens_delta`) written over `token_rows`
     token_rows: list[int] = field(default_factory=list)
+    saved_key: str | None = None  # a modules_to_save tensor of the adapter that replaces this one whole
 
     @property
     def nbytes(self) -> int:
@@ -139,11 +140,29 @@ def _check_out_dir(out_dir: Path, base_dir: Path, adapter_dir: Path, overwrite: 
     return True
 
 
+def _saved_keys(adapter: AdapterWeights, config: dict) -> dict[str, str]:
+    """Tensor name (`<module path>.<param>`) -> adapter key, for the tensors of the config's modules_to_save."""
+    saved = config.get("modules_to_save") or []
+    out = {}
+    for key in adapter.keys():
+        module = _module_key(key).rpartition(".")[0]
+        if (
+            ".lora_" not in key
+            and not key.endswith(TOKEN_SUFFIX)
+            and any(matches_module_entry(module, e) for e in saved)
+        ):
+            out[_module_key(key)] = key
+    return out
+
+
 def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
     """module path -> its adapter keys and scaling; refuses tensors that are not LoRA A/B matrices."""
     keys: dict[str, dict[str, str]] = {}
+    saved = set(_saved_keys(adapter, config).values())
     for key in adapter.keys():
         name = _module_key(key)
+        if key in saved:
+            continue  # a whole modules_to_save tensor: `_plan_saved_modules` places it
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if name.endswith(suffix):
@@ -153,7 +172,7 @@ def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
             if name.endswith(TOKEN_SUFFIX):
                 continue  # new token rows: `_plan_token_rows` places them
             raise AdapterError(
-                f"adapter tensor {key!r} is not a LoRA A/B matrix (embedding LoRA, biases and modules_to_save are not supported); re-train a plain LoRA adapter."
+                f"adapter tensor {key!r} is not a LoRA A/B matrix nor in modules_to_save (embedding LoRA and biases are not supported); re-train a plain LoRA adapter."
             )
     index: dict[str, _Lora] = {}
     for module, pair in keys.items():
@@ -168,7 +187,7 @@ def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
         r = adapter.shape(pair["lora_A"])[0]
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         index[module] = _Lora(pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora"))))
-    if not index and not any(_module_key(key).endswith(TOKEN_SUFFIX) for key in adapter.keys()):
+    if not index and not saved and not any(_module_key(key).endswith(TOKEN_SUFFIX) for key in adapter.keys()):
         raise AdapterError(f"{adapter.path} holds no LoRA tensors; re-save the adapter.")
     return index
 
@@ -285,6 +304,27 @@ def _plan_token_rows(
                 cfg["vocab_size"] = target
 
 
+def _plan_saved_modules(config: dict, adapter: AdapterWeights, by_path: dict[str, _Item], model_config: dict) -> None:
+    """Point each base tensor of a modules_to_save module at the adapter's trained tensor (grown vocabulary included)."""
+    for name, key in sorted(_saved_keys(adapter, config).items()):
+        item = by_path.get(name[: -len(".weight")] if name.endswith(".weight") else name)
+        shape = adapter.shape(key)
+        if item is None or len(shape) != len(item.shape) or shape[1:] != item.shape[1:] or shape[0] < item.shape[0]:
+            raise AdapterError(
+                f"adapter tensor {key!r} (shape {list(shape)}) has no matching tensor in the base"
+                f"{'' if item is None else f' ({item.key!r} is {list(item.shape)})'}; the adapter belongs to a different base model."
+            )
+        if item.lora is not None or item.dequantize:
+            raise AdapterError(
+                f"adapter tensor {key!r} replaces {item.key!r}, which LoRA also adapts; re-save the adapter."
+            )
+        if shape[0] > item.shape[0]:  # a vocabulary grown for new tokens
+            for cfg in (model_config, model_config.get("text_config")):
+                if isinstance(cfg, dict) and ("vocab_size" in cfg or cfg is model_config):
+                    cfg["vocab_size"] = shape[0]
+        item.shape, item.saved_key = tuple(shape), key
+
+
 def _assign_shards(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
     """Greedy split in checkpoint order; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[_Item]] = [[]]
@@ -343,6 +383,7 @@ def plan_export(
 
     model_config = json.loads((base_dir / "config.json").read_text())
     _plan_token_rows(config, adapter, by_path, vocab_modules, model_config, Path(adapter_dir))
+    _plan_saved_modules(config, adapter, by_path, model_config)
     plan = ExportPlan(
         base_dir,
         Path(adapter_dir),

@@ -164,6 +164,62 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def matches_module_entry(path: str, entry: str) -> bool:
+    """peft's modules_to_save match: the module path is the entry or ends with `.<entry>`."""
+    return path == entry or path.endswith("." + entry)
+
+
+def apply_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """peft's `modules_to_save`: every parameter of each module whose path ends with an entry of `names` trains whole.
+
+    Call after `apply_lora` (which freezes the model). Returns the matched module paths (kept on the model as
+    `model.qlora_saved_modules`; `names` as `model.qlora_modules_to_save`). Raises `ConfigError` for an entry that
+    matches nothing, a LoRA-wrapped or quantized module, or the embedding/head of a model that ties them (refused:
+    untying would change the model peft rebuilds from the base).
+    """
+    names = [str(n) for n in names]
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    paths: list[str] = []
+    for entry in names:
+        found = [p for p, _ in model.named_modules() if p and matches_module_entry(p, entry)]
+        if not found:
+            raise ConfigError(
+                f"lora.modules_to_save entry {entry!r} matches no module of the model; name a module such as lm_head."
+            )
+        paths += [p for p in found if p not in paths]
+    for path in paths:
+        module = model.get_submodule(path)
+        if tied and module in (embed, head):
+            raise ConfigError(
+                f"lora.modules_to_save names {path}, but this model ties its embedding and lm_head "
+                "(tie_word_embeddings), which modules_to_save does not support; remove it from the list."
+            )
+        if any(isinstance(m, LoraLinear) for m in module.modules()):
+            raise ConfigError(
+                f"lora.modules_to_save names {path}, which LoRA also targets; remove it from one of the two."
+            )
+        params = list(module.parameters())
+        if not params or not all(p.is_floating_point() and p.__class__.__name__ == "Parameter" for p in params):
+            raise ConfigError(
+                f"lora.modules_to_save names {path}, which is quantized or has no weights; name an unquantized module."
+            )
+    for path in paths:
+        model.get_submodule(path).requires_grad_(True)
+    model.qlora_modules_to_save = names
+    model.qlora_saved_modules = paths
+    return paths
+
+
+def saved_modules_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole modules_to_save tensors keyed as peft saves them (adapter name stripped): `<path>.<param>`."""
+    state = {}
+    for path in getattr(model, "qlora_saved_modules", None) or []:
+        for name, param in model.get_submodule(path).named_parameters():
+            state[f"{path}.{name}"] = param
+    return state
+
+
 def _logical_numel(param: torch.Tensor) -> int:
     # A packed 4-bit weight stores two parameters per uint8 element (peft counts it the same way).
     if param.__class__.__name__ == "Params4bit":

@@ -20,7 +20,7 @@ from ..data.encode import TokenizedDataset, prepare_data
 from ..errors import ConfigError, DataError
 from ..model import loader
 from ..model.embeddings import add_special_tokens, apply_trainable_tokens, resize_embeddings
-from ..model.lora import apply_lora
+from ..model.lora import apply_lora, apply_modules_to_save
 from .checkpointing import enable_gradient_checkpointing
 from .optim import AdapterOptimizer
 
@@ -115,10 +115,6 @@ def prepare_tokenizer_and_data(config: TrainConfig) -> PreparedData:
             f"the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's embedding has {embedding_rows} "
             "rows; use the tokenizer that came with the model, or set data.resize_embeddings: true to grow it."
         )
-    if config.lora.modules_to_save:
-        raise ConfigError(
-            "lora.modules_to_save is not supported yet; leave it empty (new tokens' rows train on their own)."
-        )
     context = getattr(text_config, "max_position_embeddings", None)
     if context and config.data.max_seq_len > context:
         raise ConfigError(
@@ -129,6 +125,19 @@ def prepare_tokenizer_and_data(config: TrainConfig) -> PreparedData:
     train_ds, eval_ds = prepare_data(config.data, tokenizer, config.train.seed)
     notices += finish_chat_template(config.data, tokenizer, _uses_messages(train_ds, eval_ds))
     return PreparedData(tokenizer, train_ds, eval_ds, notices, list(new_token_ids))
+
+
+def _vocab_modules_saved(model: torch.nn.Module, paths: list[str]) -> bool:
+    """Whether modules_to_save trains the embedding and output head whole (then new tokens need no row deltas);
+    `ConfigError` when it covers only one of them, which would leave the other's new rows untrained."""
+    vocab = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    covered = [any(model.get_submodule(p) is m for p in paths) for m in vocab]
+    if any(covered) and not all(covered):
+        raise ConfigError(
+            "lora.modules_to_save names only one of embed_tokens and lm_head while data.add_special_tokens adds "
+            "tokens; name both so every new row trains."
+        )
+    return bool(covered) and all(covered)
 
 
 def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
@@ -150,7 +159,8 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
         model, lc.r, lc.alpha, lc.dropout, lc.target_modules, rslora=lc.rslora,
         adapter_dtype=getattr(torch, lc.adapter_dtype), seed=s.seed,
     )  # fmt: skip
-    if new_token_ids:  # peft's trainable_token_indices: only the new rows of embed_tokens / lm_head train
+    whole = apply_modules_to_save(model, list(lc.modules_to_save)) if lc.modules_to_save else []
+    if new_token_ids and not _vocab_modules_saved(model, whole):  # peft's trainable_token_indices: only new rows train
         apply_trainable_tokens(model, new_token_ids)
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=s.offload_activations)
