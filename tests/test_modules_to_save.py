@@ -130,3 +130,25 @@ def test_unknown_module_is_refused(tiny_model_dir, tmp_path):
     base = tiny_model_dir("llama", tie_word_embeddings=False)
     with pytest.raises(QloraLiteError, match="matches no module"):
         train(config_from_dict(_settings(base, tmp_path, "run", modules=("no_such_head",))), progress=False)
+
+
+def test_memory_report_counts_the_whole_modules_gradients_and_state(tiny_model_dir):
+    """lm_head trained whole adds its fp32 master, AdamW moments, bf16 gradient and fp32 accumulation; its
+    weight itself is the base's own (already counted once)."""
+    from qlora_lite.memory.report import estimate_memory
+
+    base = tiny_model_dir("llama", tie_word_embeddings=False)
+    common = dict(device="cpu", optimizer="adamw", grad_accum=2, batch_size=1, seq_len=16, rank=4)
+    plain = estimate_memory(base, **common)
+    whole = estimate_memory(base, **common, modules_to_save=("lm_head",))
+    import json
+
+    config = json.loads((base / "config.json").read_text())
+    n = config["vocab_size"] * config["hidden_size"]  # lm_head.weight (no bias)
+    assert whole.size("unquantized_weights") == plain.size("unquantized_weights")
+    assert whole.size("lora_adapters") == plain.size("lora_adapters")
+    assert (
+        whole.size("optimizer_state") - plain.size("optimizer_state") == 4 * n + 2 * 4 * n + 4
+    )  # master, moments, step
+    assert whole.size("gradient_accumulation") - plain.size("gradient_accumulation") == 4 * n
+    assert whole.size("lora_gradients") - plain.size("lora_gradients") == 2 * n

@@ -48,9 +48,26 @@ def token_numels(inv: Inventory, rows: int) -> list[int]:
     return out
 
 
-def trainable_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> list[int]:
-    """Every trained tensor's element count: the LoRA A/B matrices, then the new-token deltas."""
+def module_numels(inv: Inventory, names: tuple[str, ...]) -> list[int]:
+    """Element counts of the parameters of modules trained whole (`lora.modules_to_save`), matched as the trainer
+    matches them (`model.lora.matches_module_entry`: the path is the entry or ends with `.entry`)."""
+    if not names:
+        return []
+    return [
+        n for name, n in inv.param_numel.items()
+        if any(name.rsplit(".", 1)[0] == e or name.rsplit(".", 1)[0].endswith(f".{e}") for e in names)
+    ]  # fmt: skip
+
+
+def added_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> list[int]:
+    """Element counts of the tensors training adds to the model: LoRA A/B, then the new-token deltas."""
     return adapter_numels(targets, s.rank) + token_numels(inv, s.trainable_token_rows)
+
+
+def trainable_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> list[int]:
+    """Every trained tensor's element count: the added tensors, then the modules trained whole in place (their
+    weights are the base's own, counted once as unquantized weights; their gradients and state are counted here)."""
+    return added_numels(inv, targets, s) + module_numels(inv, s.modules_to_save)
 
 
 def optimizer_state_bytes(numels: list[int], optimizer: str) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from .activations import activation_model, attention_mode, layer_activations, lo
 from .constants import BF16, FP32, GiB, MiB
 from .inventory import Inventory, LinearInfo, build_inventory
 from .persistent import (
+    added_numels,
     optimizer_state_bytes,
     quantized_weight_bytes,
     trainable_numels,
@@ -106,7 +107,7 @@ def _persistent(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> tu
         "quantized_weights": quantized_weight_bytes(targets, s),
         "unquantized_weights": unquantized_weight_bytes(inv, targets),
         "buffers": inv.buffer_bytes,
-        "lora_adapters": BF16 * sum(numels),
+        "lora_adapters": BF16 * sum(added_numels(inv, targets, s)),
         "optimizer_state": optimizer,
     }
     if s.device == "cuda":

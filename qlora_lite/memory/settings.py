@@ -70,8 +70,11 @@ class RunSettings:
     device: str = "cuda"  # "cuda" or "cpu": which kernels' temporaries, allocator and context apply
     cuda_context_bytes: int = CUDA_CONTEXT
     trainable_token_rows: int = 0  # new tokens' rows trained (data.add_special_tokens with resize_embeddings)
+    modules_to_save: tuple[str, ...] = ()  # modules trained whole (lora.modules_to_save)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.modules_to_save, tuple):
+            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         if self.chunked_loss is None:
             object.__setattr__(self, "chunked_loss", bool(self.loss_chunk_tokens) and self.loss_chunk_tokens > 0)
         if isinstance(self.targets, tuple):
@@ -150,6 +153,7 @@ def settings_from_config(config: TrainConfig, device: str = "cuda", **extra: Any
 
     `trainable_token_rows` is the number of added special tokens when the embeddings are resized to train them."""
     values = {name: config.get(key) for name, key in SCHEMA_KEYS.items()}
-    if config.get("data.resize_embeddings"):
+    values["modules_to_save"] = tuple(config.get("lora.modules_to_save") or ())
+    if config.get("data.resize_embeddings") and not values["modules_to_save"]:  # else the whole modules train
         values["trainable_token_rows"] = len(config.get("data.add_special_tokens") or [])
     return make_settings(**{**values, **extra}, device=device)
