@@ -247,3 +247,28 @@ def test_cli_export_verify_passes_on_new_tokens(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "largest relative logit difference" in printed
+
+
+def test_merged_export_generates_the_new_token(tiny_model_dir, tmp_path):
+    """Trained to end answers with the added <|im_end|>, the merged fp16 export (plain transformers) emits it."""
+    from qlora_lite import export_merged
+
+    base = tiny_model_dir("llama", vocab_size=OLD_ROWS)
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"q{i % 4}:", "completion": " ok<|im_end|>"}) + "\n" for i in range(16))
+    )
+    config = {
+        "model": str(base), "output_dir": str(tmp_path / "run"), "lora": {"r": 8, "alpha": 16},
+        "data": {"train": str(data), "max_seq_len": 32, "add_special_tokens": NEW, "resize_embeddings": True},
+        "train": {"max_steps": 40, "micro_batch_size": 4, "grad_accum": 1, "lr": 2e-2, "optimizer": "adamw",
+                  "warmup_steps": 0, "schedule": "constant", "save_every": 0, "eval_every": 0},
+    }  # fmt: skip
+    train(config_from_dict(config), progress=False)
+    merged = export_merged(base, tmp_path / "run" / "adapter", tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = tokenizer("q1:", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)[0, ids.shape[1] :].tolist()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end == OLD_ROWS + 1 and end in out[:3], out  # a token the base's vocabulary never had
