@@ -47,3 +47,21 @@ def hf_cache_entry(
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under a directory, by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def hidden(directory: Path) -> list[str]:
+    """Names in a directory that start with a dot (temporaries, lock files)."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def one_error_line(err: str) -> str:
+    """The single `error: ...` line of a CLI's stderr (asserting there is exactly one and no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]

@@ -33,6 +33,8 @@ from qlora_lite.model.lora import lora_layers
 from qlora_lite.training.loop import train
 from qlora_lite.training.reporter import Reporter
 
+from .helpers import hidden, one_error_line, snapshot
+
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -65,21 +67,6 @@ def adapters(tiny_model_dir, tmp_path_factory):
     _nonzero_b(model, 3)
     made.append(save_adapter(model, root / "adapter-dropout"))
     return base, *made
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def hidden(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def export_argv(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:

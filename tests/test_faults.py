@@ -34,6 +34,8 @@ from qlora_lite.memory.report import estimate_memory
 from qlora_lite.model.lora import lora_layers
 from qlora_lite.training.checkpoint import COMPLETE_MARKER, checkpoint_dirs, checkpoint_problem
 
+from .helpers import hidden, one_error_line, snapshot
+
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
 FAULT_ENVS = (KILL_ENV, ENOSPC_ENV, OOM_ENV, GPU_MEMORY_ENV)
 
@@ -92,26 +94,9 @@ def cli_subprocess(*argv: str, **fault_env: str) -> subprocess.CompletedProcess:
     )
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under a directory, by relative path, with its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def adapter_weights(path: Path) -> dict[str, bytes]:
     """The adapter files of a final adapter dir (which also holds the tokenizer the run used), as bytes."""
     return {k: v for k, v in snapshot(path).items() if k.startswith("adapter_")}
-
-
-def hidden(directory: Path) -> list[str]:
-    """Names in a directory that start with a dot (temporaries, lock files)."""
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------- training: SIGKILL
