@@ -65,3 +65,21 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def torchrun(
+    args: list[str], nproc: int = 2, timeout: float = 240, env: dict[str, str] | None = None, extra: list[str] = ()
+):
+    """Run `torchrun --standalone --nproc_per_node N ARGS` (one thread per rank, gloo on the CPU) with a timeout;
+    return the CompletedProcess (stdout and stderr as text). `extra` goes to torchrun before ARGS."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("QLORA_LITE_FAULT", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    if not any(a.startswith("--rdzv") or a.startswith("--nnodes") for a in extra):
+        launcher.append("--standalone")
+    command = [*launcher, f"--nproc_per_node={nproc}", *extra, *args]
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -172,7 +172,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except QloraLiteError as exc:
         if debug:
             raise
-        _print_error(exc)
+        if not getattr(exc, "mirrored", False):  # another torchrun rank's failure, which that rank prints
+            _print_error(exc)
         return exc.exit_code
     except OSError as exc:  # the file system refused a read or write the input checks could not foresee
         if debug:

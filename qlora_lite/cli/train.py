@@ -4,6 +4,7 @@ progress display."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from .common import console
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from ..training.progress import RichReporter, summary_table
 
     config = load_config(args.config, overrides)
+    if os.environ.get("RANK", "0") not in ("", "0"):  # a torchrun rank other than 0: rank 0 shows the run
+        train(config, resume=args.resume, progress=False, allow_data_change=args.allow_data_change)
+        return 0
     out = console()
     reporter = RichReporter(out, title="train")
     try:

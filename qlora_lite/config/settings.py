@@ -231,6 +231,18 @@ class TrainSettings(Section):
     report_to: list = setting(
         [], "experiment trackers besides metrics.jsonl: any of tensorboard, wandb, csv (e.g. [tensorboard, csv])"
     )
+    fsdp: bool = setting(
+        False,
+        "under torchrun, shard the 4-bit base and the adapters over the GPUs of a node (FSDP2; replicated across "
+        "nodes); off: every rank holds the whole model (data parallel)",
+        resume=True,
+    )
+    collective_timeout: float = setting(
+        600.0,
+        "seconds a rank of a torchrun launch waits for the others before the run stops with a message",
+        min_exclusive=0.0,
+        max=86400.0,
+    )
 
     def check(self, prefix: str) -> list[str]:
         if self.offload_activations and not self.gradient_checkpointing:
@@ -263,6 +275,11 @@ class TrainConfig:
             found.append(
                 "set exactly one of train.max_steps (optimizer steps) and train.epochs (passes over the data)"
                 + (f", not both ({self.train.max_steps} and {self.train.epochs})" if self.train.max_steps else "")
+            )
+        if self.train.fsdp is True and self.quant.bits == 8:
+            found.append(
+                "train.fsdp shards 4-bit bases only (bitsandbytes' 8-bit layers cannot be sharded); set quant.bits: 4, "
+                "or train.fsdp: false to replicate the 8-bit base on every rank"
             )
         for name in SECTIONS:
             found.extend(getattr(self, name).problems(f"{name}."))

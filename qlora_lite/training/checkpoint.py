@@ -207,19 +207,45 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer: AdapterOptimizer, trainer_state: dict) -> Path:
+def rank_rng_tensors(rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One rank of a torchrun launch's generator states, keyed `rank{R}.cpu` (and `rank{R}.cuda` for its GPU)."""
+    tensors = {f"rank{rank}.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors[f"rank{rank}.cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
+
+
+def check_resume_world(state: dict, ranks: int, path: Path) -> None:
+    """Refuse to resume with another number of ranks than the checkpoint was written by (each rank's RNG state and
+    the step's global batch of micro-batch x grad_accum x ranks belong to that number)."""
+    saved = state.get("world", {}).get("size", 1) if isinstance(state.get("world"), dict) else 1
+    if saved != ranks:
+
+        def launch(n: int) -> str:
+            return "one process" if n == 1 else f"{n} ranks"
+
+        raise ConfigError(
+            f"checkpoint {path} was written by {launch(saved)} but this run has {launch(ranks)}; resume with the "
+            f"same number of ranks (torchrun --nproc_per_node x --nnodes = {saved}) or start a new output_dir."
+        )
+
+
+def save_checkpoint(
+    root: Path, step: int, model, optimizer: AdapterOptimizer, trainer_state: dict, rng: dict | None = None
+) -> Path:
     """Write checkpoints/step-N atomically: built in a temporary dir, the marker written last, then renamed.
 
     Contents: adapter/ (PEFT format), optimizer.pt (fp32 masters + inner AdamW state, tensors only),
     rng.safetensors (torch CPU/CUDA generator states), trainer_state.json (step, data position,
-    schedule, logging window, settings fingerprint), COMPLETE.
+    schedule, logging window, settings fingerprint), COMPLETE. `rng` replaces this process's generator states
+    (a torchrun launch passes every rank's, gathered).
     """
     final = root / f"step-{step}"
     with atomic_dir(final, overwrite=True) as tmp:
         save_adapter(model, tmp / "adapter")
         with atomic_file(tmp / "optimizer.pt") as f:
             torch.save(optimizer.state_dict(), f)
-        save_safetensors_atomic(_rng_tensors(), tmp / "rng.safetensors")
+        save_safetensors_atomic(rng if rng is not None else _rng_tensors(), tmp / "rng.safetensors")
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
         fault_point("in-checkpoint", step)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -315,8 +341,9 @@ def _load_optimizer_state(path: Path, optimizer: AdapterOptimizer, device: torch
         ) from None
 
 
-def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.device) -> dict:
-    """Load optimizer (and with it the adapter weights) and RNG states from a checkpoint; return its trainer state."""
+def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.device, rank: int | None = None) -> dict:
+    """Load optimizer (and with it the adapter weights) and RNG states from a checkpoint; return its trainer state.
+    `rank` (a torchrun launch) restores that rank's generator states."""
     problem = checkpoint_problem(path)
     if problem is not None:
         raise TrainingError(
@@ -326,6 +353,11 @@ def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.de
     _load_optimizer_state(path, optimizer, device)
     try:
         rng = SafetensorsFile(path / "rng.safetensors")
+        if rank is not None:
+            torch.set_rng_state(rng.read(f"rank{rank}.cpu"))
+            if device.type == "cuda" and f"rank{rank}.cuda" in rng.keys():
+                torch.cuda.set_rng_state(rng.read(f"rank{rank}.cuda"), device)
+            return state
         torch.set_rng_state(rng.read("cpu"))
         cuda_states = [rng.read(k) for k in sorted(k for k in rng.keys() if k.startswith("cuda."))]
     except Exception as exc:  # a damaged header (the reader's own error) or a state of the wrong dtype or size

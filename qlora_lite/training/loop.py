@@ -17,7 +17,7 @@ checkpoint; atomic writes leave nothing half-written.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -39,15 +39,29 @@ from .arguments import as_config, check_call, check_output_dir, check_output_par
 from .checkpoint import (
     check_resume_data,
     check_resume_settings,
+    check_resume_world,
     data_fingerprint,
     find_resume_checkpoint,
     fingerprint,
     latest_checkpoint,
     prune_checkpoints,
+    rank_rng_tensors,
     read_trainer_state,
     restore_checkpoint,
     save_checkpoint,
     schedule_notices,
+)  # fmt: skip
+from .distributed import (
+    SINGLE,
+    CollectiveError,
+    World,
+    all_gather_objects,
+    all_reduce_sum,
+    device_for,
+    run_on_main,
+    start,
+    stop,
+    world_from_env,
 )  # fmt: skip
 from .interrupt import Interrupted, signal_of
 from .metrics import MetricsLog
@@ -77,11 +91,35 @@ def train(
     Raises `ConfigError` / `DataError` for bad settings, arguments or data, `TrainingError` when the loss or
     the gradient norm stops being finite (the last good checkpoint is kept), and `interrupt.Interrupted` (a
     `KeyboardInterrupt`) on Ctrl-C, naming the checkpoint to resume from.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls `train`: the process group starts here (NCCL on GPUs, gloo on
+    CPUs), each rank takes its micro-batches of every step, and rank 0 alone writes the run directory and reports
+    (the other ranks' `reporter` is not called).
     """
     check_call(resume, allow_data_change, reporter, progress)
     config = as_config(config)
     check_trackers(config.train.report_to)  # a missing package is said before anything loads
     check_output_parent(Path(config.output_dir))
+    world = world_from_env()
+    if not world.is_main:
+        reporter, progress = None, False
+    device = device_for(world) if world.distributed else default_device()
+    start(world, device, config.train.collective_timeout)
+    try:
+        return _train(config, world, device, resume, reporter, allow_data_change, progress)
+    finally:
+        stop()
+
+
+def _train(
+    config: TrainConfig,
+    world: World,
+    device: torch.device,
+    resume: bool,
+    reporter: Reporter | None,
+    allow_data_change: bool,
+    progress: bool,
+) -> TrainResult:
     if reporter is None and progress:
         from .progress import display_for_python
 
@@ -89,9 +127,11 @@ def train(
         owned = [reporter] if reporter is not None else []
     else:
         owned = []  # the caller's reporter is the caller's to close
-    # One process per run dir: a second `train` on it would interleave checkpoints and metrics.
-    with DirectoryLock(config.output_dir, purpose="qlora-lite train"):
-        run = _Run(config, reporter or Reporter(), owned)
+    # One process per run dir (rank 0 of a launch): a second `train` on it would interleave checkpoints and metrics.
+    with contextlib.ExitStack() as locked:
+        lock = DirectoryLock(config.output_dir, purpose="qlora-lite train")
+        run_on_main(world, lambda: locked.enter_context(lock) and None, "taking the run directory's lock")
+        run = _Run(config, reporter or Reporter(), owned, world=world, device=device)
         try:
             return run.run(resume, allow_data_change)
         except torch.OutOfMemoryError as exc:
@@ -103,7 +143,7 @@ def train(
     # Raised outside the handler, so those tensors are freed before anything else runs.
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    raise out_of_memory_error(config, failure, default_device(), latest_checkpoint(config.output_dir))
+    raise out_of_memory_error(config, failure, device, latest_checkpoint(config.output_dir))
 
 
 def _write_failed(what: str, out: Path, exc: OSError, last_good: Path | None) -> TrainingError:
@@ -118,8 +158,17 @@ def _write_failed(what: str, out: Path, exc: OSError, last_good: Path | None) ->
 class _Run:
     """One training run's state between steps (what a checkpoint saves) and its steps."""
 
-    def __init__(self, config: TrainConfig, reporter: Reporter, owned: list[Reporter] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        reporter: Reporter,
+        owned: list[Reporter] | None = None,
+        world: World = SINGLE,
+        device: torch.device | None = None,
+    ):
         self.config, self.s, self.reporter = config, config.train, reporter
+        self.world = world
+        self.device = device if device is not None else default_device()
         self.owned = list(owned or [])  # reporters this run made (trackers, the display) and closes
         self.out = Path(config.output_dir)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
@@ -135,42 +184,46 @@ class _Run:
 
     def run(self, resume: bool, allow_data_change: bool = False) -> TrainResult:
         """Prepare, resume if asked, train for the run's length, write the final adapter; return the result."""
-        s, out = self.s, self.out
-        check_output_dir(out, resume)
-        self.device = default_device()
+        s, out, world = self.s, self.out, self.world
         torch.manual_seed(s.seed)
-        self.data_files = data_fingerprint(self.config)
-        # Which checkpoint, and whether its settings and data fit, is decided before the model loads.
-        start_from, notices = self._find_resume(allow_data_change) if resume else (None, [])
+        # Which checkpoint, and whether its settings and data fit, is decided before the model loads; rank 0 alone
+        # looks (resuming removes leftovers of killed writes) and tells the others.
+        start_from, notices, self.resume_state, self.data_files = run_on_main(
+            world, lambda: self._inspect_output(resume, allow_data_change), "checking the run directory"
+        )
         parts = prepare_run(self.config, self.device)
+        if world.rank:  # a rank's own dropout stream; rank 0's is a single process's
+            torch.manual_seed((s.seed + 0x9E3779B97F4A7C15 * world.rank) % 2**63)
         self.model, self.optimizer, self.tokenizer = parts.model, parts.optimizer, parts.tokenizer
         self.train_ds, self.eval_ds = parts.train_data, parts.eval_data
         self.pad = pad_id(parts.tokenizer)
         self.order = BatchOrder(len(self.train_ds), s.micro_batch_size, s.seed)
         per_epoch = self.order.batches_per_epoch
-        self.steps = run_steps(s, per_epoch)
+        self.steps = run_steps(s, per_epoch, world.size)
         if start_from is not None and s.max_steps <= 0:  # the length train.epochs makes is known only now
             notices += schedule_notices(self.resume_state, s, start_from, self.steps, per_epoch)
         # Each example's loss-carrying tokens, as collate + target_count would count them: labels after the first.
         self.example_targets = [sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in self.train_ds.examples]
-        notices += parts.notices + self._data_notices() + warmup_notice(s, self.steps)
+        notices += parts.notices + self._data_notices() + warmup_notice(s, self.steps) + self._world_notices()
         if start_from is not None:
             notices += self._restore(start_from)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        trackers = make_trackers(s.report_to, out, self.config.to_dict())
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        trackers = make_trackers(s.report_to, out, self.config.to_dict()) if world.is_main else []
         if trackers:
             self.owned += trackers
             self.reporter = Reporters(self.reporter, *trackers)
         trainable, total = count_parameters(self.model)
-        per_step = min(s.micro_batch_size, len(self.train_ds)) * s.grad_accum  # the last of an epoch may be smaller
+        # the last micro-batch of an epoch may be smaller
+        per_step = min(s.micro_batch_size, len(self.train_ds)) * s.grad_accum * world.size
         self.reporter.on_start({
             "max_steps": self.steps, "epochs": s.epochs if s.max_steps <= 0 else None, "grad_accum": s.grad_accum,
             "micro_batches_per_epoch": per_epoch, "sequences_per_step": per_step,
             "start_step": self.step, "resumed_from": self.resumed_from,
             "device": str(self.device), "optimizer": self.optimizer.name, "train": self.train_ds.stats,
             "eval": self.eval_ds.stats if self.eval_ds else None, "trainable_params": trainable,
-            "total_params": total, "output_dir": str(out), "notices": notices,
+            "total_params": total, "output_dir": str(out), "notices": notices, "world_size": world.size,
         })  # fmt: skip
         started = time.perf_counter()
         self.model.train()
@@ -180,8 +233,9 @@ class _Run:
         if self.eval_ds is not None and self.last_eval is None:  # resumed at the last step: report the final eval
             self._evaluate(report=False)
         self.phase = "final"
-        self._save_final_adapter()
-        history = self.metrics.read()
+        if world.is_main:
+            self._save_final_adapter()
+        history = self.metrics.read() if world.is_main else []
         if self.last_train_loss is None:
             self.last_train_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
         ev = self.last_eval
@@ -196,6 +250,16 @@ class _Run:
         self.reporter.on_end(result)
         return result
 
+    def _inspect_output(
+        self, resume: bool, allow_data_change: bool
+    ) -> tuple[Path | None, list[str], dict | None, dict]:
+        """(On rank 0.) The output dir checked, the checkpoint to resume from with its notices and trainer state,
+        and the data files' fingerprint."""
+        check_output_dir(self.out, resume)
+        self.data_files = data_fingerprint(self.config)
+        start_from, notices = self._find_resume(allow_data_change) if resume else (None, [])
+        return start_from, notices, self.resume_state, self.data_files
+
     def _find_resume(self, allow_data_change: bool) -> tuple[Path | None, list[str]]:
         """The newest good checkpoint (None: start from step 0), checked against this config and the data files;
         and the notices of what resume found, removed or sees changed."""
@@ -206,6 +270,7 @@ class _Run:
             return None, notices
         state = self.resume_state = read_trainer_state(start_from)
         check_resume_settings(state, self.config, start_from)
+        check_resume_world(state, self.world.size, start_from)
         notices += check_resume_data(state, self.data_files, start_from, allow_data_change)
         if self.s.max_steps > 0:  # a length set by train.epochs is checked once the data is encoded
             notices += schedule_notices(state, self.s, start_from)
@@ -214,7 +279,9 @@ class _Run:
     def _restore(self, start_from: Path) -> list[str]:
         """Load the checkpoint's weights, optimizer, RNG, data position and logging window."""
         s = self.s
-        state = restore_checkpoint(start_from, self.optimizer, self.device)
+        state = restore_checkpoint(
+            start_from, self.optimizer, self.device, self.world.rank if self.world.distributed else None
+        )
         self.step = self.resumed_from = state["step"]
         pos = state["data"]
         self.order = BatchOrder(len(self.train_ds), s.micro_batch_size, s.seed, pos["epoch"], pos["index"])
@@ -223,7 +290,8 @@ class _Run:
         # written since the window's tokens/s and the loss-token count; an older checkpoint's count from here
         self.targets_total = state.get("target_tokens", 0)
         self.window_tokens, self.window_seconds = state.get("window_tokens", 0), state.get("window_seconds", 0.0)
-        self.metrics.truncate_to(self.step)
+        if self.world.is_main:
+            self.metrics.truncate_to(self.step)
         self.last_good = start_from
         notices = []
         saved_decay = self.optimizer.param_groups[0].get("weight_decay")
@@ -236,15 +304,33 @@ class _Run:
             )
         return notices
 
+    def _world_notices(self) -> list[str]:
+        """What a torchrun launch does, said at the start: the ranks and the global batch."""
+        w, s = self.world, self.s
+        if not w.distributed:
+            return []
+        nodes = f" on {w.nodes} nodes" if w.nodes > 1 else ""
+        return [
+            f"{w.size} ranks{nodes}, data parallel: each optimizer step takes train.micro_batch_size {s.micro_batch_size}"
+            f" x train.grad_accum {s.grad_accum} x {w.size} ranks = {s.micro_batch_size * s.grad_accum * w.size} "
+            "sequences, its loss averaged over the loss-carrying tokens of all ranks; rank 0 writes the run directory"
+        ]
+
     def _data_notices(self) -> list[str]:
         """A step that asks for more than the data holds is said (not refused): it repeats sequences within a step."""
         s, n, per_epoch = self.s, len(self.train_ds), self.order.batches_per_epoch
-        if s.grad_accum > per_epoch:
+        per_step = s.grad_accum * self.world.size
+        if per_step > per_epoch:
+            step = (
+                f"a step of train.grad_accum = {s.grad_accum} micro-batches"
+                if self.world.size == 1
+                else f"a step of train.grad_accum = {s.grad_accum} micro-batches on each of {self.world.size} ranks"
+            )
             return [
-                f"a step of train.grad_accum = {s.grad_accum} micro-batches is longer than one pass over the training "
+                f"{step} is longer than one pass over the training "
                 f"data ({per_epoch} micro-batch{'es' if per_epoch > 1 else ''} of up to {s.micro_batch_size} of its "
-                f"{n} sequences), so each step goes over the data {s.grad_accum / per_epoch:.3g} times; set "
-                f"train.grad_accum to {per_epoch} or less for at most one pass per step"
+                f"{n} sequences), so each step goes over the data {per_step / per_epoch:.3g} times; set "
+                f"train.grad_accum to {max(1, per_epoch // self.world.size)} or less for at most one pass per step"
             ]
         if s.micro_batch_size > n:
             return [
@@ -266,6 +352,11 @@ class _Run:
             where = f"interrupted while writing the final adapter after step {self.step}"
         else:
             where = f"interrupted at step {self.step}"
+        if self.world.distributed:  # torchrun stops every rank with SIGTERM when one of them fails
+            where += (
+                f" on rank {self.world.rank} of {self.world.size} (when one rank fails, torchrun stops the others: "
+                "the failed rank's message or exit code above says why)"
+            )
         last = latest_checkpoint(self.out)  # from disk: the interrupt may have come just after a checkpoint's rename
         then = (
             f"the last complete checkpoint is {last}; run the same command with --resume to continue"
@@ -279,18 +370,29 @@ class _Run:
         self.step += 1
         step, t0 = self.step, time.perf_counter()
         lr = lr_at(step, s, self.steps)
-        # The loss normaliser (the step's target count) comes from the labels; the micro-batches are collated one
-        # at a time as the step uses them, so a large grad_accum never holds more than one in memory.
-        start, targets = copy.copy(self.order), 0  # the copy shares the epoch's permutation
-        for _ in range(s.grad_accum):
-            targets += sum(self.example_targets[i] for i in self.order.next_indices())
-        examples = self.train_ds.examples
-        batches = (collate([examples[i] for i in start.next_indices()], self.pad) for _ in range(s.grad_accum))
+        # The loss normaliser (the step's target count over all ranks) comes from the labels; the micro-batches are
+        # collated one at a time as the step uses them, so a large grad_accum never holds more than one in memory.
+        # Rank r of W takes micro-batch r of every W in the order: its slice of each global micro-batch.
+        w, examples = self.world, self.train_ds.examples
+        mine, targets, world_targets, world_tokens = [], 0, 0, 0
+        for k in range(s.grad_accum * w.size):
+            indices = self.order.next_indices()
+            count = sum(self.example_targets[i] for i in indices)
+            world_targets += count
+            world_tokens += sum(len(examples[i]) for i in indices)
+            if k % w.size == w.rank:
+                mine.append(indices)
+                targets += count
+        batches = (collate([examples[i] for i in indices], self.pad) for indices in mine)
+        reduce = (lambda t: all_reduce_sum(t, w, f"step {step}'s gradient sum")) if w.distributed else None
         try:
             result = train_step(
                 self.model, self.optimizer, batches, self.device, bf16=s.bf16, loss_chunk_tokens=s.loss_chunk_tokens,
                 max_grad_norm=s.max_grad_norm, lr=lr, before_update=lambda: oom_fault_point(step), targets=targets,
+                all_reduce=reduce, world_targets=world_targets if w.distributed else None,
             )  # fmt: skip
+        except CollectiveError as exc:
+            raise TrainingError(f"step {step}: {exc}; {self._resume_hint()}.") from None
         except NonFiniteStepError as exc:
             where = (
                 f"the last good checkpoint is {self.last_good}"
@@ -301,6 +403,8 @@ class _Run:
                 f"step {step}: {exc}; {where} (lower train.lr, check the data, then run again with --resume)."
             ) from None
         seconds = time.perf_counter() - t0
+        if w.distributed:  # the step's counts over all ranks
+            result.tokens, result.targets = world_tokens, world_targets
         self.tokens_total += result.tokens
         self.targets_total += result.targets
         self.window_sum += result.loss
@@ -325,7 +429,8 @@ class _Run:
                 "tokens": self.tokens_total, "epoch": record["epoch"],
                 "tokens_per_s": round(self.window_tokens / max(self.window_seconds, 1e-9), 1),
             }  # fmt: skip
-            self.metrics.append(row)
+            if w.is_main:
+                self.metrics.append(row)
             self.reporter.on_log(row)
             self.window_sum, self.window_steps, self.window_tokens, self.window_seconds = 0.0, 0, 0, 0.0
         if self.eval_ds is not None and ((s.eval_every and step % s.eval_every == 0) or step == self.steps):
@@ -333,13 +438,24 @@ class _Run:
         if (s.save_every and step % s.save_every == 0) or step == self.steps:
             self._checkpoint()
 
+    def _resume_hint(self) -> str:
+        """Where a failed run can resume from."""
+        if self.last_good:
+            return f"the last complete checkpoint is {self.last_good}; run the same command with --resume to continue"
+        return "no checkpoint had been written yet; run the same command with --resume to start over"
+
     def _evaluate(self, report: bool) -> None:
-        s = self.s
-        loss, _ = evaluate(
-            self.model, self.eval_ds, s.micro_batch_size, self.pad, self.device, s.bf16, s.loss_chunk_tokens
-        )
+        s, w = self.s, self.world
+        reduce = (lambda t: all_reduce_sum(t, w, f"the eval at step {self.step}")) if w.distributed else None
+        try:
+            loss, _ = evaluate(
+                self.model, self.eval_ds, s.micro_batch_size, self.pad, self.device, s.bf16, s.loss_chunk_tokens,
+                rank=w.rank, ranks=w.size, all_reduce=reduce,
+            )  # fmt: skip
+        except CollectiveError as exc:
+            raise TrainingError(f"{exc}; {self._resume_hint()}.") from None
         self.last_eval = {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
-        if report:
+        if report and w.is_main:
             self.metrics.append(self.last_eval)
             self.reporter.on_eval(self.last_eval)
 
@@ -353,13 +469,23 @@ class _Run:
             "window_tokens": self.window_tokens, "window_seconds": self.window_seconds,
             "target_tokens": self.targets_total,
             "fingerprint": fingerprint(self.config), "data_files": self.data_files,
+            "world": {"size": self.world.size},
         }  # fmt: skip
-        try:
-            path = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, trainer_state)
-        except OSError as exc:
-            raise _write_failed(f"checkpoint step-{step}", self.out, exc, self.last_good) from None
+        w, rng = self.world, None
+        if w.distributed:  # every rank's generator states go into rank 0's checkpoint
+            try:
+                gathered = all_gather_objects(rank_rng_tensors(w.rank, self.device), w, f"checkpoint step-{step}")
+            except CollectiveError as exc:
+                raise TrainingError(f"{exc}; {self._resume_hint()}.") from None
+            rng = {k: v.cpu() for states in gathered for k, v in states.items()}
+        path = self.out / "checkpoints" / f"step-{step}"
+        if w.is_main:
+            try:
+                path = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, trainer_state, rng)
+            except OSError as exc:
+                raise _write_failed(f"checkpoint step-{step}", self.out, exc, self.last_good) from None
+            prune_checkpoints(self.out, s.keep_checkpoints)
         self.last_good = path
-        prune_checkpoints(self.out, s.keep_checkpoints)
         self.reporter.on_checkpoint(step, path)
         fault_point("after-checkpoint", step)
 

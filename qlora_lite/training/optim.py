@@ -10,7 +10,7 @@ of vanishing.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -84,6 +84,27 @@ class AdapterOptimizer:
                 g = p.grad.float()
                 m.grad = g if m.grad is None else m.grad.add_(g)
                 p.grad = None
+
+    @torch.no_grad()
+    def sum_grads(self, all_reduce: Callable[[torch.Tensor], None], *scalars: float) -> list[float]:
+        """Sum the fp32 master gradients, and `scalars`, over the ranks in one `all_reduce` of one flat fp32 buffer
+        (a master without a gradient contributes zeros); return the summed scalars.
+
+        Once per optimizer step, before clipping: fp32 adapter bytes move once, not bf16 bytes every micro-batch.
+        """
+        self.accumulate_grads()
+        device = self.masters[0].device
+        parts = [m.grad.reshape(-1) if m.grad is not None else m.new_zeros(m.numel()) for m in self.masters]
+        flat = torch.cat([*parts, torch.tensor(scalars, dtype=torch.float32, device=device)])
+        del parts
+        for m in self.masters:
+            m.grad = None
+        all_reduce(flat)
+        offset = 0
+        for m in self.masters:
+            m.grad = flat[offset : offset + m.numel()].view_as(m)
+            offset += m.numel()
+        return flat[offset:].tolist()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:

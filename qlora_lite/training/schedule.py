@@ -9,9 +9,10 @@ from fractions import Fraction
 from ..config.settings import TrainSettings
 
 
-def run_steps(s: TrainSettings, micro_batches_per_epoch: int) -> int:
+def run_steps(s: TrainSettings, micro_batches_per_epoch: int, ranks: int = 1) -> int:
     """The optimizer steps a run takes: `train.max_steps`, or with `train.epochs`
-    ceil(epochs x micro-batches per epoch / grad_accum), at least 1.
+    ceil(epochs x micro-batches per epoch / (grad_accum x ranks)), at least 1 (each of `ranks` data-parallel ranks
+    takes `grad_accum` micro-batches per step).
 
     The product is taken on the decimal value of `epochs` (0.1 is one tenth, not 0.1000000000000000055), so a
     round number of micro-batches is not rounded up to one step more.
@@ -19,7 +20,7 @@ def run_steps(s: TrainSettings, micro_batches_per_epoch: int) -> int:
     if s.max_steps > 0:
         return s.max_steps
     micro_batches = Fraction(repr(float(s.epochs))) * micro_batches_per_epoch
-    return max(1, math.ceil(micro_batches / s.grad_accum))
+    return max(1, math.ceil(micro_batches / (s.grad_accum * ranks)))
 
 
 def warmup_for(s: TrainSettings, steps: int) -> int:

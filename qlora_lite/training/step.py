@@ -141,12 +141,17 @@ def train_step(
     lr: float | None = None,
     before_update: Callable[[], None] | None = None,
     targets: int | None = None,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
+    world_targets: int | None = None,
 ) -> StepResult:
     """One optimizer step over `batches` (the step's micro-batches, dicts from `data.batching.collate`).
 
     Sets `lr` on the optimizer when given, accumulates the gradients, calls `before_update` (a test hook),
     clips to `max_grad_norm` (0: no clipping) and applies the update. `targets`, the step's total count of
     loss-carrying tokens, lets `batches` be a generator that builds each micro-batch only when it is used.
+    Data parallel: `all_reduce` sums a tensor over the ranks, `targets` is this rank's count and `world_targets`
+    the count of all ranks' micro-batches, which is the loss normaliser; the fp32 master gradients and the loss are
+    summed over the ranks once, before clipping, so every rank applies the same update.
     Raises `TrainingError` for a learning rate that is not a finite positive number, and
     `NonFiniteStepError`, without changing the weights, when the loss or the gradient norm is not finite.
     """
@@ -156,7 +161,10 @@ def train_step(
         for group in optimizer.param_groups:
             group["lr"] = lr
     batches, targets = _with_targets(batches, targets)
-    loss, tokens, seen = _accumulate(model, batches, optimizer, device, bf16, loss_chunk_tokens, targets)
+    normalizer = targets if world_targets is None else world_targets
+    loss, tokens, seen = _accumulate(model, batches, optimizer, device, bf16, loss_chunk_tokens, normalizer)
+    if all_reduce is not None:  # before the check below, so no rank leaves another waiting in the collective
+        (loss,) = optimizer.sum_grads(all_reduce, loss)
     if seen != targets:
         optimizer.zero_grad()
         raise TrainingError(
@@ -183,16 +191,27 @@ def evaluate(
     device: torch.device,
     bf16: bool = True,
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    *,
+    rank: int = 0,
+    ranks: int = 1,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[float, int]:
-    """(token-weighted mean loss, number of target tokens) over a dataset, in order, in eval mode."""
+    """(token-weighted mean loss, number of target tokens) over a dataset, in order, in eval mode.
+
+    Over several ranks, rank r takes batches r, r + ranks, ... and `all_reduce` sums the loss and the count.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, len(dataset), batch_size):
+        for start in range(rank * batch_size, len(dataset), batch_size * ranks):
             batch = collate(dataset.examples[start : start + batch_size], pad_token_id)
             total += float(forward_loss_sum(model, batch, device, bf16, loss_chunk_tokens))
             count += target_count(batch["labels"])
     finally:
         model.train(was_training)
+    if all_reduce is not None:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1), count

@@ -1,0 +1,31 @@
+"""`qlora_lite.train` as one rank of a torchrun launch, for the tests: `train_worker.py CONFIG [--resume]`.
+
+Besides what the run writes (rank 0), each rank saves the adapter tensors it holds at the end as
+`rank{RANK}.safetensors` in the run directory, so a test can compare the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from qlora_lite.model.lora import adapter_state_dict
+from qlora_lite.training import loop
+
+held: dict = {}
+run = loop._Run.run
+
+
+def keep_model(self, *args, **kwargs):
+    result = run(self, *args, **kwargs)
+    held["model"] = self.model
+    return result
+
+
+loop._Run.run = keep_model
+result = loop.train(sys.argv[1], resume="--resume" in sys.argv, progress=False)
+tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(held["model"]).items()}
+save_file(tensors, str(Path(result.output_dir) / f"rank{os.environ.get('RANK', '0')}.safetensors"))
