@@ -38,10 +38,17 @@ def _inner_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_de
     return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a view of its storage); any other tensor itself."""
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
 class AdapterOptimizer:
     """AdamW over fp32 master copies of (usually bf16) trainable parameters.
 
-    `param_groups` is the inner optimizer's, so schedules set `group["lr"]` as usual.
+    `param_groups` is the inner optimizer's, so schedules set `group["lr"]` as usual. Parameters sharded by FSDP2
+    (DTensors) are updated through their local shards (bitsandbytes' 8-bit update has no DTensor rule), and the
+    gradient norm is summed over the shard group.
     """
 
     def __init__(
@@ -57,9 +64,12 @@ class AdapterOptimizer:
         if not self.params:
             raise ConfigError("there are no trainable parameters; apply LoRA before building the optimizer.")
         self.name = resolve_optimizer_name(name, self.params[0].device)
-        # fp32 parameters are their own master; lower-precision ones get an fp32 copy.
+        self.sharded = any(type(p).__name__ == "DTensor" for p in self.params)
+        with torch.no_grad():
+            self.locals = [_local(p) for p in self.params]
+        # fp32 parameters (or shards) are their own master; lower-precision ones get an fp32 copy.
         self.masters = [
-            p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in self.params
+            t if t.dtype == torch.float32 else t.detach().float().clone().requires_grad_(True) for t in self.locals
         ]
         self.inner = _inner_optimizer(self.name, self.masters, lr, weight_decay, betas, eps)
 
@@ -81,7 +91,7 @@ class AdapterOptimizer:
         """
         for p, m in zip(self.params, self.masters):
             if m is not p and p.grad is not None:
-                g = p.grad.float()
+                g = _local(p.grad).float()
                 m.grad = g if m.grad is None else m.grad.add_(g)
                 p.grad = None
 
@@ -91,8 +101,13 @@ class AdapterOptimizer:
         (a master without a gradient contributes zeros); return the summed scalars.
 
         Once per optimizer step, before clipping: fp32 adapter bytes move once, not bf16 bytes every micro-batch.
+        Sharded (FSDP2) gradients were already summed by its reduce-scatter: only `scalars` are.
         """
         self.accumulate_grads()
+        if self.sharded:
+            flat = torch.tensor(scalars, dtype=torch.float32, device=self.masters[0].device)
+            all_reduce(flat)
+            return flat.tolist()
         device = self.masters[0].device
         parts = [m.grad.reshape(-1) if m.grad is not None else m.new_zeros(m.numel()) for m in self.masters]
         flat = torch.cat([*parts, torch.tensor(scalars, dtype=torch.float32, device=device)])
@@ -114,6 +129,13 @@ class AdapterOptimizer:
         if not grads:
             return 0.0
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if self.sharded:  # the shards of the group hold the whole gradient once between them
+            import torch.distributed as dist
+
+            squared = total.square()
+            mesh = next(p.device_mesh for p in self.params if type(p).__name__ == "DTensor")
+            dist.all_reduce(squared, group=mesh.get_group(mesh.ndim - 1))
+            total = squared.sqrt()
         if max_norm > 0:
             scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             for g in grads:
@@ -125,10 +147,10 @@ class AdapterOptimizer:
         """Move gradients to the fp32 masters, update them, and round them back into the parameters."""
         self.accumulate_grads()
         self.inner.step()
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                p.copy_(m)
-                m.grad = None
+        for t, m in zip(self.locals, self.masters):
+            if m is not t:
+                t.copy_(m)
+            m.grad = None
 
     def state_dict(self) -> dict:
         """Inner optimizer state plus the fp32 masters (needed for an exact resume)."""
@@ -146,15 +168,15 @@ class AdapterOptimizer:
                 f"the checkpoint's optimizer ({state.get('name')}, {len(state['masters'])} tensors) does not match this run "
                 f"({self.name}, {len(self.masters)} tensors); resume with the same optimizer and LoRA settings."
             )
-        for p, m, saved in zip(self.params, self.masters, state["masters"]):
+        for t, m, saved in zip(self.locals, self.masters, state["masters"]):
             m.copy_(saved.to(m.device))
-            if m is not p:
-                p.copy_(m)
+            if m is not t:
+                t.copy_(m)
         self.inner.load_state_dict(state["inner"])
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor the optimizer holds: masters that are copies, and the inner state."""
-        tensors = [m for m, p in zip(self.masters, self.params) if m is not p]
+        tensors = [m for m, t in zip(self.masters, self.locals) if m is not t]
         for per_param in self.inner.state.values():
             tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
         return tensors
