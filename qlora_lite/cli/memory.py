@@ -3,6 +3,8 @@
 The run is described by a training YAML (`qlora-lite memory run.yaml`) or by a model dir / preset with the
 trainer's defaults; the flags below and any `--section.key value` override change it. Either way the
 settings go through `memory.settings.settings_from_config`, as the trainer's out-of-memory advice does.
+`--gpus N [--nodes M] [--fsdp]` adds the memory of one rank of a torchrun launch (`memory.ranks`) and, with a
+budget and FSDP, how many GPUs of that size the model needs.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ def add_parser(sub: Any) -> None:
         "--attn", default=None, help="attention implementation to count: sdpa or eager (default: transformers' pick)"
     )
     p.add_argument("--gpu-memory", default=None, help="budget such as 12GiB, or a GPU name such as rtx-4090-24gb")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="GPUs of a torchrun launch, all nodes together: the report per rank"
+    )
+    p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over (FSDP shards within a node)")
+    p.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shard the 4-bit base and adapters over the GPUs of a node (default: train.fsdp, off: data parallel); "
+        "with --gpu-memory, say how many GPUs the model needs",
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(handler=run, accepts_overrides=True)
 
@@ -91,6 +104,8 @@ def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any
         out["train.offload_activations"] = True
     if args.chunked_loss is False:
         out["train.loss_chunk_tokens"] = 0
+    if args.fsdp is not None:
+        out["train.fsdp"] = args.fsdp
     return {**out, **extra}
 
 
@@ -121,6 +136,7 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 
     from ..memory.advice import advise, gib, parse_budget
     from ..memory.inventory import build_inventory, preset_names
+    from ..memory.ranks import gpus_needed, rank_report
     from ..memory.report import COMPONENT_LABELS, describe_components, report_for
     from ..memory.settings import settings_from_config
 
@@ -130,13 +146,23 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
             out.print(name)
         return 0
     config = run_config(args, extra)
-    settings = settings_from_config(config, device="cuda", padding=args.padding, attn_implementation=args.attn)
+    settings = settings_from_config(
+        config, device="cuda", padding=args.padding, attn_implementation=args.attn, gpus=args.gpus, nodes=args.nodes
+    )
     budget, label = parse_budget(args.gpu_memory) if args.gpu_memory is not None else (None, None)
     inventory = build_inventory(config.model)
     report = report_for(inventory, settings)
     advice = advise(inventory, report, budget, label)
+    rank = rank_report(inventory, settings, report)
+    plan = gpus_needed(inventory, settings, budget, label) if _wants_plan(settings, rank, budget) else None
     if args.json:
-        out.print_json(json.dumps({**report.to_dict(), "advice": advice.to_dict()}))
+        per_rank = {
+            **rank.to_dict(),
+            "fits": rank.fits(budget) if budget is not None else None,
+            "headroom": budget - rank.total if budget is not None else None,
+            "gpus_needed": plan.to_dict() if plan is not None else None,
+        }
+        out.print_json(json.dumps({**report.to_dict(), "advice": advice.to_dict(), "per_rank": per_rank}))
         return 0
     s = settings
     quant = f"{s.bits}-bit" + (
@@ -177,4 +203,66 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         out.print(f"biggest single saving: {best.name}: -{gib(best.saves)} GiB -> {gib(best.total)} GiB")
         for other in advice.switches[1:]:
             out.print(f"  then: {other.name}: -{gib(other.saves)} GiB -> {gib(other.total)} GiB")
+    if settings.gpus > 1 or settings.fsdp:
+        _print_ranks(out, rank, report, budget, label, plan)
     return 0
+
+
+def _wants_plan(settings: Any, rank: Any, budget: int | None) -> bool:
+    """Whether to search how many GPUs fit: a budget, a 4-bit base, and FSDP asked for, or data parallel on several
+    GPUs that does not fit (the search then says what --fsdp would need)."""
+    if budget is None or settings.bits != 4:
+        return False
+    return settings.fsdp or (settings.gpus > 1 and rank.total > budget)
+
+
+def _print_ranks(out: Any, rank: Any, report: Any, budget: int | None, label: str | None, plan: Any) -> None:
+    """The per-rank table of a launch on several GPUs (or FSDP), its verdict and the GPUs the model needs."""
+    from rich.table import Table
+
+    from ..memory.advice import gib
+    from ..memory.ranks import GPUS_PER_NODE, MIN_SEARCH_SEQ, describe_rank_components, rank_labels
+
+    nodes = f" on {rank.nodes} nodes" if rank.nodes > 1 else ""
+    how_split = {
+        "fsdp": f"FSDP, sharded over {rank.shard}",
+        "hsdp": f"FSDP within each node (sharded over {rank.shard}), replicated across {rank.nodes} nodes",
+        "data parallel": "data parallel, the whole model on every rank",
+        "single GPU": "one GPU",
+    }[rank.mode]
+    out.print(f"[bold]per rank[/], {rank.gpus} GPU{'s' if rank.gpus > 1 else ''}{nodes} ({how_split}):")
+    table = Table(show_footer=True)
+    how, labels = describe_rank_components(rank, report), rank_labels(rank)
+    table.add_column("component", footer="total per rank")
+    table.add_column("GiB", justify="right", footer=gib(rank.total))
+    table.add_column("what is counted", footer=f"peak in the {rank.peak_phase} phase")
+    for key, value in rank.components.items():
+        table.add_row(labels.get(key, key), gib(value), how.get(key, ""))
+    for key, value in rank.other_phases.items():
+        table.add_row(
+            f"[dim]{labels.get(key, key)}[/]",
+            f"[dim]({gib(value)})[/]",
+            "[dim]other phase, not at the peak[/]",
+        )
+    out.print(table)
+    for note in rank.notes:
+        out.print(f"note: {note}")
+    if budget is None:
+        return
+    headroom = budget - rank.total
+    verdict = "[green]fits[/]" if headroom >= 0 else "[red]does not fit[/]"
+    margin = f"{gib(headroom)} GiB headroom" if headroom >= 0 else f"over by {gib(-headroom)} GiB"
+    out.print(f"verdict per rank: {verdict} in {gib(budget)} GiB ({label}): {margin}")
+    if not _wants_plan(report.settings, rank, budget):
+        return
+    prefix = "" if rank.fsdp else "with --fsdp: "
+    if plan is None:
+        out.print(
+            f"{prefix}does not fit on one node of {GPUS_PER_NODE} × {label} GPUs with FSDP, even with micro-batch 1, "
+            f"activation offload and seq {min(MIN_SEARCH_SEQ, report.settings.seq_len)}; more nodes do not help (FSDP shards within a node and "
+            "replicates across nodes)"
+        )
+        return
+    out.print(f"{prefix}{plan.sentence()}")
+    if plan.changes:
+        out.print(f"  changed from the settings above: {'; '.join(plan.changes)}")

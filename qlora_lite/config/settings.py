@@ -281,6 +281,12 @@ class TrainConfig:
                 "train.fsdp shards 4-bit bases only (bitsandbytes' 8-bit layers cannot be sharded); set quant.bits: 4, "
                 "or train.fsdp: false to replicate the 8-bit base on every rank"
             )
+        whole = [k for k in ("lora.modules_to_save", "data.add_special_tokens") if self.get(k)]
+        if self.train.fsdp is True and whole:
+            found.append(
+                f"train.fsdp does not shard modules trained whole or new token rows ({' and '.join(whole)} set); set "
+                "train.fsdp: false to train them data parallel"
+            )
         for name in SECTIONS:
             found.extend(getattr(self, name).problems(f"{name}."))
         return found

@@ -35,6 +35,7 @@ SCHEMA_KEYS = {
     "offload_activations": "train.offload_activations",
     "optimizer": "train.optimizer",
     "loss_chunk_tokens": "train.loss_chunk_tokens",
+    "fsdp": "train.fsdp",
 }
 # Names the config and peft users reach for, accepted by `estimate_memory` and `make_settings`.
 SETTING_ALIASES = {"r": "rank", "target_modules": "targets", "micro_batch_size": "batch_size", "max_seq_len": "seq_len"}
@@ -71,6 +72,9 @@ class RunSettings:
     cuda_context_bytes: int = CUDA_CONTEXT
     trainable_token_rows: int = 0  # new tokens' rows trained (data.add_special_tokens with resize_embeddings)
     modules_to_save: tuple[str, ...] = ()  # modules trained whole (lora.modules_to_save)
+    fsdp: bool = _default("fsdp")  # under torchrun: shard over the GPUs of a node (memory.ranks), else data parallel
+    gpus: int = 1  # ranks of the launch, all nodes together (memory.ranks; the single-GPU report ignores it)
+    nodes: int = 1  # nodes the ranks are spread over (FSDP shards within a node only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.modules_to_save, tuple):
@@ -108,6 +112,29 @@ class RunSettings:
             found.append(f"device is {self.device!r}; use 'cuda' or 'cpu'")
         if self.offload_activations and not self.gradient_checkpointing:
             found.append("offload_activations needs gradient_checkpointing (it offloads the checkpointed inputs)")
+        found.extend(self._rank_problems())
+        return found
+
+    def _rank_problems(self) -> list[str]:
+        found = []
+        for name in ("gpus", "nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                found.append(f"{name} is {value!r}; it must be a whole number, 1 or more")
+        if not found and self.gpus % self.nodes:
+            found.append(
+                f"nodes is {self.nodes}, which does not divide gpus {self.gpus}; gpus counts the GPUs of all nodes "
+                f"together, the same number on each (e.g. gpus {2 * self.nodes} with nodes {self.nodes})"
+            )
+        if self.fsdp is True and (self.modules_to_save or self.trainable_token_rows):
+            found.append(
+                "fsdp trains LoRA adapters only; drop modules_to_save and trained new-token rows, or turn fsdp off"
+            )
+        if self.fsdp is True and self.bits == 8:
+            found.append(
+                "fsdp shards 4-bit bases only (bitsandbytes' 8-bit layers cannot be sharded); use bits 4, or "
+                "data parallel (fsdp off) to replicate the 8-bit base on every rank"
+            )
         return found
 
     def validate(self) -> None:
