@@ -48,7 +48,7 @@ LAYERS = [
     {"config", "io"},
     {"model", "data"},
     {"export", "memory", "training"},
-    {"demo", "generate"},
+    {"demo", "doctor", "generate"},
     {"cli"},
 ]
 # Deliberate edges within the third layer (the graph between subpackages stays acyclic; see ARCHITECTURE.md):

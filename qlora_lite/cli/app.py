@@ -39,7 +39,7 @@ def _quiet_libraries() -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-COMMANDS = ("train", "data", "export", "memory", "chat", "generate", "demo")
+COMMANDS = ("train", "data", "export", "memory", "chat", "generate", "demo", "doctor")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
-    from . import chat, data, demo, export, generate, memory, train
+    from . import chat, data, demo, doctor, export, generate, memory, train
 
     for add in (
         train.add_parser,
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         chat.add_parser,
         generate.add_parser,
         demo.add_parser,
+        doctor.add_parser,
     ):
         add(sub)
     return parser
