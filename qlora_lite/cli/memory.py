@@ -63,6 +63,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs kept in CPU memory")
     p.add_argument(
+        "--tiled-mlp", action="store_true", help="feed-forward norm + MLP over sequence tiles; train.tiled_mlp"
+    )
+    p.add_argument(
         "--padding",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -102,6 +105,8 @@ def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any
         out["train.gradient_checkpointing"] = False
     if args.offload_activations:
         out["train.offload_activations"] = True
+    if args.tiled_mlp:
+        out["train.tiled_mlp"] = True
     if args.chunked_loss is False:
         out["train.loss_chunk_tokens"] = 0
     if args.fsdp is not None:

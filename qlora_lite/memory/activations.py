@@ -12,11 +12,23 @@ byte for byte on the CPU with `memory.probe.AllocationTracker`. How these add up
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .constants import BF16, FP32
 from .inventory import Inventory, LinearInfo
 from .settings import RunSettings
+
+
+def tile_tokens(hidden_size: int) -> int:
+    """Sequence positions per tile of the tiled MLP (`train.tiled_mlp`): the hidden size, at least 256, so a tile's
+    [tokens, intermediate] tensors are about as large as the layer's [tokens, hidden] input at any length."""
+    return max(256, int(hidden_size))
+
+
+def tile_of(inv: Inventory, s: RunSettings) -> int:
+    """Tokens per tile of the tiled MLP for this micro-batch (the whole micro-batch when it is one tile)."""
+    positions = s.tile_tokens or tile_tokens(inv.hidden)
+    return s.batch_size * min(positions, s.seq_len)
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,12 @@ def layer_activations(inv: Inventory, layer_targets: list[LinearInfo], s: RunSet
         attn += FP32 * (q + kv) + FP32 * (a + inv.kv_heads)  # per-head RMSNorm on q and k (fp32 input + rstd)
     # SwiGLU/GeGLU (Shazeer 2020): the activation keeps its input, the product keeps activation output and up
     mlp = BF16 * (3 * i if arch.gated_mlp else i) + _lora_saved(inv, mlp_targets, s, mode)
+    if s.tiled_mlp:  # the feed-forward norm and the MLP run inside the tiled block, which keeps only its bf16 input
+        constant -= FP32 * h if arch.norm == "gemma" else 0
+        tiled = BF16 * h
+        return LayerActivations(
+            (norms - 1) * norm + attn + tiled, per_square, constant, mlp_per_token=tiled, norm_per_token=norm
+        )
     return LayerActivations(norms * norm + attn + mlp, per_square, constant, mlp_per_token=mlp, norm_per_token=norm)
 
 
@@ -222,10 +240,89 @@ def forward_base_temp(t: LinearInfo, s: RunSettings) -> int:
 RMSNORM_BACKWARD = 5 * FP32  # autograd of the fp32 RMSNorm: grad.float(), grad*rstd, grad*x, x^1 * 2, their product
 
 
+def _up_projection(inv: Inventory, targets: list[LinearInfo], s: RunSettings, tokens: int) -> tuple[int, int]:
+    """(bytes, dequantization part) the up (gate_up) projection's LoraLinear holds while it runs on `tokens`: base
+    output, lora_B output and the scaled update (3 x its out_features), or the base output while the base still
+    holds its dequantized weight / int8 temporaries."""
+    wide = max(targets, key=lambda t: t.out_features * t.in_features) if targets else None
+    dq_fwd = forward_base_temp(wide, replace(s, seq_len=tokens, batch_size=1)) if wide else 0
+    width = 2 * inv.intermediate if inv.arch.fused_gate_up else inv.intermediate
+    return max((BF16 * 3 * width * tokens, 0), (BF16 * width * tokens, dq_fwd), key=sum)
+
+
+def _layer_reference(inv: Inventory, targets: list[LinearInfo]) -> list[LinearInfo]:
+    """The targets of the decoder layer that has the most (the layer the working sets are computed for)."""
+    by_layer: dict[int, list[LinearInfo]] = {}
+    for t in targets:
+        if t.layer is not None:
+            by_layer.setdefault(t.layer, []).append(t)
+    return max(by_layer.values(), key=len) if by_layer else []
+
+
+def _tiled_working_sets(
+    inv: Inventory, targets: list[LinearInfo], acts: ActivationModel, s: RunSettings
+) -> dict[str, tuple[int, int]]:
+    """`working_sets` with the tiled MLP: the feed-forward norm + MLP's tensors exist for one tile of `tile_of`
+    tokens; the whole sequence's block output, input gradient and the residual sum exist once."""
+    T, c, h, i = s.tokens, tile_of(inv, s), inv.hidden, inv.intermediate
+    q, kv = inv.heads * inv.head_dim, inv.kv_heads * inv.head_dim
+    ckpt, fused, gated = s.gradient_checkpointing, inv.arch.fused_gate_up, inv.arch.gated_mlp
+    untiled = layer_activations(inv, _layer_reference(inv, targets), replace(s, tiled_mlp=False), first=False)
+    m, nrm = untiled.mlp_per_token, untiled.norm_per_token
+    wide = max(targets, key=lambda t: t.out_features * t.in_features) if targets else None
+    dq_bwd = dequant_bytes(wide, s) if wide else 0
+    transient = _up_projection(inv, targets, s, c)
+    mlp_in = any(t.role == "mlp_in" for t in targets) and s.lora_dropout == 0
+    partial = BF16 * h * mlp_in + (BF16 * 2 * i if gated and not fused else 0)
+    not_yet = BF16 * i * c if s.bits == 8 and any(t.role == "mlp_out" for t in targets) else 0
+    # one tile's forward: its norm output (and, unfused, the activation output) beside the up projection
+    tile_live = BF16 * h * c + (BF16 * i * c if gated and not fused else 0) + transient[0] - not_yet
+    block_out, grad_in = BF16 * h * T, BF16 * h * T  # the preallocated block output; the layer output's gradient
+    residual = BF16 * h * T if ckpt else 0  # the block's input (the residual); stored when not checkpointing
+    forward = (block_out + residual + max(tile_live, 0), transient[1])
+    if attention_mode(inv, s) == "eager":
+        probs = BF16 + FP32 + (FP32 + BF16 + (BF16 if inv.arch.attn_softcap else 0) if ckpt else FP32)
+        forward = max(forward, (probs * inv.heads * s.batch_size * s.seq_len**2, 0), key=sum)
+    saved = acts.full_layer.at(s.batch_size, s.seq_len)
+    recompute = saved if ckpt else 0
+    product_saved = any(t.role == "mlp_out" for t in targets) and s.lora_dropout == 0
+    extra = 0 if product_saved else BF16 * i * c
+    mlp = max((BF16 * 2 * i * c, 0), (BF16 * i * c, dq_bwd), key=sum)
+    # inside the block's backward, one tile at a time: its recomputed forward, the MLP's backward, the norm's
+    tile = {
+        "mlp": ((nrm + m) * c + extra + mlp[0], mlp[1]),
+        "norm": (nrm * c + 2 * BF16 * h * c + RMSNORM_BACKWARD * h * c, 0),
+        "forward": (nrm * c + partial * c + transient[0], transient[1]),
+    }
+    sums = FP32 * sum(
+        s.rank * (t.in_features + t.out_features)
+        for t in _layer_reference(inv, targets)
+        if t.role in ("mlp_in", "mlp_out")
+    )
+    worst = max(tile.values(), key=sum)
+    candidates = {"tiled_mlp": (recompute + grad_in + BF16 * h * T + sums + worst[0], worst[1])}
+    if ckpt:  # the layer's recomputation, at a tile's up projection (the block runs without grad there)
+        candidates["recompute"] = (recompute + grad_in + block_out + max(tile_live, 0), transient[1])
+    after_mlp = recompute - acts.full_layer.mlp_per_token * T
+    candidates["residual"] = (after_mlp + 3 * BF16 * h * T, 0)  # output gradient + block input gradient + their sum
+    attn = after_mlp + grad_in + BF16 * (q + 2 * kv) * T  # dq, dk, dv
+    if attention_mode(inv, s) == "flash":
+        attn += (FP32 * q + (2 * BF16 * q if kv != q else 0)) * T if s.device == "cuda" else 0
+    else:
+        attn += (2 * FP32 + BF16) * inv.heads * s.batch_size * s.seq_len**2
+    candidates["attention"] = (attn, 0)
+    # the input norm, once the rest of the layer's saved tensors are freed
+    candidates["norm"] = (recompute - saved + nrm * T + 2 * grad_in + RMSNORM_BACKWARD * h * T, 0)
+    candidates["final_norm"] = (acts.final_norm + grad_in + RMSNORM_BACKWARD * h * T, 0)
+    return {"forward": forward, "backward": max(candidates.values(), key=sum)}
+
+
 def working_sets(
     inv: Inventory, targets: list[LinearInfo], acts: ActivationModel, s: RunSettings
 ) -> dict[str, tuple[int, int]]:
     """{phase: (working set, dequantization part)}: bytes beyond the stored activations at each phase's worst moment."""
+    if s.tiled_mlp:
+        return _tiled_working_sets(inv, targets, acts, s)
     T, h, i = s.tokens, inv.hidden, inv.intermediate
     q, kv = inv.heads * inv.head_dim, inv.kv_heads * inv.head_dim
     wide = max(targets, key=lambda t: t.out_features * t.in_features) if targets else None

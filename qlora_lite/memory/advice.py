@@ -138,6 +138,8 @@ def candidate_switches(report: MemoryReport) -> list[tuple[str, dict[str, Any]]]
         out.append(("chunked loss", {"chunked_loss": True}))
     if s.gradient_checkpointing and not s.offload_activations:
         out.append(("activation offload", {"offload_activations": True}))
+    if not s.tiled_mlp:
+        out.append(("tiled MLP", {"tiled_mlp": True}))
     if s.rank > 1:
         out.append((f"rank {s.rank} -> {s.rank // 2}", {"rank": s.rank // 2}))
     if s.optimizer == "adamw":

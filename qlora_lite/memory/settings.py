@@ -33,6 +33,7 @@ SCHEMA_KEYS = {
     "grad_accum": "train.grad_accum",
     "gradient_checkpointing": "train.gradient_checkpointing",
     "offload_activations": "train.offload_activations",
+    "tiled_mlp": "train.tiled_mlp",
     "optimizer": "train.optimizer",
     "loss_chunk_tokens": "train.loss_chunk_tokens",
     "fsdp": "train.fsdp",
@@ -63,6 +64,8 @@ class RunSettings:
     grad_accum: int = _default("grad_accum")  # > 1 keeps fp32 gradients across forwards
     gradient_checkpointing: bool = _default("gradient_checkpointing")
     offload_activations: bool = _default("offload_activations")
+    tiled_mlp: bool = _default("tiled_mlp")
+    tile_tokens: int = 0  # sequence positions per tile of the tiled MLP (0: the trainer's choice, the hidden size)
     optimizer: str = _default("optimizer")
     loss_chunk_tokens: int = _default("loss_chunk_tokens")  # 0: transformers' full logits
     chunked_loss: bool | None = None  # None: loss_chunk_tokens > 0; False forces the full-logits path
