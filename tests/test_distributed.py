@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -161,3 +162,23 @@ def test_two_nodes_through_a_c10d_rendezvous_equal_one_process(runs):
     assert _same(_adapter(tmp / "nodes"), _adapter(tmp / "one"))
     rows = _rows(tmp / "nodes")
     assert len(rows) == len(_rows(tmp / "one"))
+
+
+def test_sharded_fsdp_run_killed_and_resumed_equals_one_process(runs):
+    tmp, config = runs
+    cfg = config("fsdp", 2, fsdp=True)
+    killed = torchrun(["-m", "qlora_lite", "train", str(cfg)], env={KILL_ENV: "after-checkpoint:2", KILL_RANK_ENV: "1"})
+    assert killed.returncode != 0
+    assert "2 ranks, base and adapters sharded over the GPUs of each node (FSDP2)" in killed.stdout
+    survivor = [line for line in killed.stderr.splitlines() if "rank 0 of 2" in line]
+    assert survivor and "the last complete checkpoint is" in survivor[0], killed.stderr[-3000:]
+    assert "Traceback" not in "".join(line for line in killed.stderr.splitlines() if line.startswith("[rank0]"))
+    saved = torch.load(tmp / "fsdp" / "checkpoints" / "step-2" / "optimizer.pt", weights_only=True)
+    assert len(saved["ranks"]) == 2  # each rank's shard of the masters and the optimizer state
+
+    resumed = torchrun([WORKER, str(cfg), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # sharded training, a kill and a resume: still the one-process adapter, bit for bit on the CPU
+    assert _same(_adapter(tmp / "fsdp"), _adapter(tmp / "one"))
+    assert _same(load_file(str(tmp / "fsdp" / "rank1.safetensors")), load_file(str(tmp / "fsdp" / "rank0.safetensors")))
+    assert [r["step"] for r in _rows(tmp / "fsdp")] == [r["step"] for r in _rows(tmp / "one")]

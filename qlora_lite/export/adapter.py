@@ -102,17 +102,20 @@ def adapter_config_dict(model: nn.Module) -> dict:
     return config
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's LoRA adapter in PEFT's format to `out_dir` (each file written atomically).
 
-    Raises `AdapterError` for a model without LoRA or an `out_dir` that is a file; a failed write (full disk,
-    permissions) raises the `OSError`, leaving any previous adapter files whole.
+    `state`: the tensors to write, keyed by module path as `adapter_state_dict` keys them, in place of the model's
+    own (a sharded model's adapter gathered whole by `training.fsdp.full_adapter_state`); the config still comes
+    from the model. Raises `AdapterError` for a model without LoRA or an `out_dir` that is a file; a failed write
+    (full disk, permissions) raises the `OSError`, leaving any previous adapter files whole.
     """
     config = adapter_config_dict(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdapterError(f"adapter output path {out_dir} is a file; choose a directory path for the adapter.")
-    state = {**adapter_state_dict(model), **token_state_dict(model), **saved_modules_state_dict(model)}
+    if state is None:
+        state = {**adapter_state_dict(model), **token_state_dict(model), **saved_modules_state_dict(model)}
     tensors = {PEFT_PREFIX + k: v.detach() for k, v in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})

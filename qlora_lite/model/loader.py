@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -166,7 +167,23 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def load_quantized(
+@dataclass
+class LoadPlan:
+    """What a load decided before reading any weight: the skeleton (parameters on the meta device), the shards with
+    each one's checkpoint key -> parameter name map (headers checked against the skeleton), the module paths to
+    quantize, the tied parameter groups and the quantization settings."""
+
+    model_dir: Path
+    model: nn.Module
+    shards: list[SafetensorsFile]
+    key_maps: list[dict[str, str]]
+    targets: set[str]
+    tied: list[list[str]]
+    settings: QuantConfig
+    device: torch.device
+
+
+def plan_load(
     model_path: str | Path,
     bits: int = 4,
     quant_type: str = "nf4",
@@ -177,14 +194,9 @@ def load_quantized(
     blocksize: int = 64,
     int8_threshold: float = 6.0,
     trust_remote_code: bool = False,
-    load_tokenizer: bool = True,
-):
-    """Load a Hugging Face causal LM with its targeted linear layers quantized; returns (model, tokenizer).
-
-    Targeted weights become frozen bitsandbytes 4-bit (nf4/fp4, optional double quantization) or 8-bit
-    (LLM.int8) layers; everything else (embeddings, norms, lm_head) is bf16. The model is in eval mode
-    with every parameter frozen; `tokenizer` is None when the directory has no tokenizer files.
-    """
+    load_tokenizer: bool = False,
+) -> LoadPlan:
+    """Every check of `load_quantized` and its skeleton, without reading a weight (a sharded loader starts here)."""
     from .arguments import check_load_arguments  # wrong types refused before torch or bitsandbytes see them
 
     check_load_arguments(
@@ -204,7 +216,48 @@ def load_quantized(
     model = build_skeleton(config, trust_remote_code, f"{model_dir / 'config.json'}")
     key_maps = check_checkpoint(model, shards, model_dir)  # headers only, before any weight is read
     targets = set(resolve_targets(model, target_modules))
-    tied = _tied_groups(model)
+    return LoadPlan(model_dir, model, shards, key_maps, targets, _tied_groups(model), settings, device)
+
+
+def finish_load(plan: LoadPlan) -> nn.Module:
+    """Buffers onto the device, every parameter frozen, eval mode, and the load's record on the model."""
+    model, device = plan.model, plan.device
+    for module in model.modules():
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[key] = buf.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    model.config.name_or_path = str(plan.model_dir)
+    model.qlora_quant = plan.settings
+    model.qlora_targets = sorted(plan.targets)
+    return model
+
+
+def load_quantized(
+    model_path: str | Path,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    device: str | torch.device | None = None,
+    target_modules: TargetSpec = "all-linear",
+    *,
+    blocksize: int = 64,
+    int8_threshold: float = 6.0,
+    trust_remote_code: bool = False,
+    load_tokenizer: bool = True,
+):
+    """Load a Hugging Face causal LM with its targeted linear layers quantized; returns (model, tokenizer).
+
+    Targeted weights become frozen bitsandbytes 4-bit (nf4/fp4, optional double quantization) or 8-bit
+    (LLM.int8) layers; everything else (embeddings, norms, lm_head) is bf16. The model is in eval mode
+    with every parameter frozen; `tokenizer` is None when the directory has no tokenizer files.
+    """
+    plan = plan_load(
+        model_path, bits, quant_type, double_quant, device, target_modules, blocksize=blocksize,
+        int8_threshold=int8_threshold, trust_remote_code=trust_remote_code, load_tokenizer=load_tokenizer,
+    )  # fmt: skip
+    model, model_dir, device, targets, tied = plan.model, plan.model_dir, plan.device, plan.targets, plan.tied
     release_freed = malloc_trim()
     stashed_bias: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
@@ -216,7 +269,7 @@ def load_quantized(
         codes, scales = quant.quantize_8bit(weight)
         return quant.make_linear8bit(codes, scales, bias, int8_threshold)
 
-    for shard, key_map in zip(shards, key_maps):
+    for shard, key_map in zip(plan.shards, plan.key_maps):
         for key in shard.keys():
             name = key_map.get(key)
             if name is None:
@@ -263,15 +316,7 @@ def load_quantized(
             f"the checkpoint in {model_dir} has no tensor for {missing[0]} ({len(missing)} missing in all); "
             "the weights do not belong to this config.json."
         )
-    for module in model.modules():
-        for key, buf in list(module._buffers.items()):
-            if buf is not None and buf.device != device:
-                module._buffers[key] = buf.to(device)
-    model.requires_grad_(False)
-    model.eval()
-    model.config.name_or_path = str(model_dir)
-    model.qlora_quant = settings
-    model.qlora_targets = sorted(targets)
+    finish_load(plan)
     tokenizer = load_tokenizer_from(model_dir, trust_remote_code) if load_tokenizer else None
     return model, tokenizer
 

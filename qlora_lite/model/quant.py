@@ -89,10 +89,55 @@ def make_linear4bit(
         module=module,
         bnb_quantized=True,
     )
+    # bitsandbytes restores the weight's state from the module's when something (FSDP's sharding) has replaced
+    # the Params4bit by a plain parameter; a Params4bit that quantizes itself sets it, ours arrives packed.
+    module.quant_state = state
     if bias is not None:
         module.bias = nn.Parameter(bias.to(COMPUTE_DTYPE), requires_grad=False)
     # On CPUs with AVX512-BF16, bitsandbytes re-packs the weight in place at the first eval-mode forward.
     # That changes the stored bytes and breaks dequantization for export, so keep the standard layout.
+    module.support_avx512bf16_for_cpu = False
+    return module
+
+
+def packed_shape_4bit(out_features: int, in_features: int) -> tuple[int, int]:
+    """The shape of bitsandbytes' packed uint8 storage of a [out, in] weight: two 4-bit codes per byte, one column."""
+    return (out_features * in_features + 1) // 2, 1
+
+
+def empty_linear4bit(
+    out_features: int,
+    in_features: int,
+    bias: bool,
+    quant_type: str,
+    double_quant: bool,
+    blocksize: int = 64,
+) -> bnb.nn.Linear4bit:
+    """A frozen `Linear4bit` whose packed weight (and bias) are on the meta device and which has no quantization
+    state yet: the shape of `make_linear4bit`'s layer, for a loader that fills the weight (or a shard of it) later
+    and then sets `module.quant_state` (and `module.weight.quant_state` while the weight is still a Params4bit)."""
+    module = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=COMPUTE_DTYPE,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+        device="meta",
+    )
+    module.weight = bnb.nn.Params4bit(
+        data=torch.empty(packed_shape_4bit(out_features, in_features), dtype=torch.uint8, device="meta"),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+        module=module,
+        bnb_quantized=True,
+    )
+    if bias:
+        module.bias = nn.Parameter(torch.empty(out_features, dtype=COMPUTE_DTYPE, device="meta"), requires_grad=False)
     module.support_avx512bf16_for_cpu = False
     return module
 

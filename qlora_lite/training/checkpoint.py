@@ -231,20 +231,28 @@ def check_resume_world(state: dict, ranks: int, path: Path) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model, optimizer: AdapterOptimizer, trainer_state: dict, rng: dict | None = None
+    root: Path,
+    step: int,
+    model,
+    optimizer: AdapterOptimizer,
+    trainer_state: dict,
+    rng: dict | None = None,
+    adapter_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically: built in a temporary dir, the marker written last, then renamed.
 
     Contents: adapter/ (PEFT format), optimizer.pt (fp32 masters + inner AdamW state, tensors only),
     rng.safetensors (torch CPU/CUDA generator states), trainer_state.json (step, data position,
     schedule, logging window, settings fingerprint), COMPLETE. `rng` replaces this process's generator states
-    (a torchrun launch passes every rank's, gathered).
+    (a torchrun launch passes every rank's, gathered). A sharded (FSDP) run passes its adapter gathered whole
+    (`adapter_state`) and every rank's optimizer state (`optimizer_state`: {"name", "ranks": [state of rank 0, ...]}).
     """
     final = root / f"step-{step}"
     with atomic_dir(final, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter")
+        save_adapter(model, tmp / "adapter", adapter_state)
         with atomic_file(tmp / "optimizer.pt") as f:
-            torch.save(optimizer.state_dict(), f)
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), f)
         save_safetensors_atomic(rng if rng is not None else _rng_tensors(), tmp / "rng.safetensors")
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
         fault_point("in-checkpoint", step)
@@ -308,7 +316,7 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
-def _load_optimizer_state(path: Path, optimizer: AdapterOptimizer, device: torch.device) -> None:
+def _load_optimizer_state(path: Path, optimizer: AdapterOptimizer, device: torch.device, rank: int | None) -> None:
     file = path / "optimizer.pt"
     try:
         saved = torch.load(file, map_location=device, weights_only=True)
@@ -322,6 +330,8 @@ def _load_optimizer_state(path: Path, optimizer: AdapterOptimizer, device: torch
         raise TrainingError(
             f"{file} cannot be read ({type(exc).__name__}: {first}); delete this checkpoint to resume from an older one."
         ) from None
+    if isinstance(saved, dict) and isinstance(saved.get("ranks"), list):  # a sharded run: each rank its own shard
+        saved = saved["ranks"][rank or 0] if (rank or 0) < len(saved["ranks"]) else None
     masters = saved.get("masters") if isinstance(saved, dict) else None
     if not (isinstance(masters, list) and all(isinstance(t, torch.Tensor) for t in masters)):
         raise TrainingError(
@@ -350,7 +360,7 @@ def restore_checkpoint(path: Path, optimizer: AdapterOptimizer, device: torch.de
             f"checkpoint {path} cannot be resumed from ({problem}); delete it and resume from an older one."
         )
     state = read_trainer_state(path)
-    _load_optimizer_state(path, optimizer, device)
+    _load_optimizer_state(path, optimizer, device, rank)
     try:
         rng = SafetensorsFile(path / "rng.safetensors")
         if rank is not None:

@@ -107,11 +107,27 @@ class CollectiveError(TrainingError):
 
 
 def _lost(world: World, what: str, exc: BaseException) -> CollectiveError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
     return CollectiveError(
         f"rank {world.rank} of {world.size} lost the other ranks during {what} ({first}): another rank stopped "
         "(its own message says why) or did not answer within train.collective_timeout"
     )
+
+
+# What gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors, or DistBackendError).
+_LOST_PEER = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "processgroup")
+
+
+def lost_peer(world: World, what: str, exc: BaseException) -> CollectiveError | None:
+    """The `CollectiveError` for an exception raised inside a collective that the backend ran for us (FSDP's
+    all-gather and reduce-scatter), or None when `exc` is something else (a bug, out of memory)."""
+    if not world.distributed or isinstance(exc, torch.OutOfMemoryError):
+        return None
+    distributed_error = getattr(dist, "DistError", ())
+    text = str(exc).lower()
+    if isinstance(exc, distributed_error) or any(word in text for word in _LOST_PEER):
+        return _lost(world, what, exc)
+    return None
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World, what: str) -> None:
@@ -131,6 +147,18 @@ def all_gather_objects(value: Any, world: World, what: str) -> list[Any]:
     found: list[Any] = [None] * world.size
     try:
         dist.all_gather_object(found, value)
+    except RuntimeError as exc:
+        raise _lost(world, what, exc) from None
+    return found
+
+
+def gather_objects(value: Any, world: World, what: str) -> list[Any] | None:
+    """Every rank's `value` in rank order on rank 0 (None on the others): per-rank optimizer shards."""
+    if not world.distributed:
+        return [value]
+    found: list[Any] | None = [None] * world.size if world.is_main else None
+    try:
+        dist.gather_object(value, found, dst=0)
     except RuntimeError as exc:
         raise _lost(world, what, exc) from None
     return found

@@ -58,6 +58,8 @@ from .distributed import (
     all_gather_objects,
     all_reduce_sum,
     device_for,
+    gather_objects,
+    lost_peer,
     run_on_main,
     start,
     stop,
@@ -191,7 +193,7 @@ class _Run:
         start_from, notices, self.resume_state, self.data_files = run_on_main(
             world, lambda: self._inspect_output(resume, allow_data_change), "checking the run directory"
         )
-        parts = prepare_run(self.config, self.device)
+        parts = prepare_run(self.config, self.device, world)
         if world.rank:  # a rank's own dropout stream; rank 0's is a single process's
             torch.manual_seed((s.seed + 0x9E3779B97F4A7C15 * world.rank) % 2**63)
         self.model, self.optimizer, self.tokenizer = parts.model, parts.optimizer, parts.tokenizer
@@ -233,8 +235,7 @@ class _Run:
         if self.eval_ds is not None and self.last_eval is None:  # resumed at the last step: report the final eval
             self._evaluate(report=False)
         self.phase = "final"
-        if world.is_main:
-            self._save_final_adapter()
+        self._save_final_adapter()
         history = self.metrics.read() if world.is_main else []
         if self.last_train_loss is None:
             self.last_train_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
@@ -310,8 +311,13 @@ class _Run:
         if not w.distributed:
             return []
         nodes = f" on {w.nodes} nodes" if w.nodes > 1 else ""
+        mode = "data parallel"
+        if s.fsdp:
+            mode = "base and adapters sharded over the GPUs of each node (FSDP2" + (
+                ", replicated across nodes)" if w.nodes > 1 else ")"
+            )
         return [
-            f"{w.size} ranks{nodes}, data parallel: each optimizer step takes train.micro_batch_size {s.micro_batch_size}"
+            f"{w.size} ranks{nodes}, {mode}: each optimizer step takes train.micro_batch_size {s.micro_batch_size}"
             f" x train.grad_accum {s.grad_accum} x {w.size} ranks = {s.micro_batch_size * s.grad_accum * w.size} "
             "sequences, its loss averaged over the loss-carrying tokens of all ranks; rank 0 writes the run directory"
         ]
@@ -393,6 +399,11 @@ class _Run:
             )  # fmt: skip
         except CollectiveError as exc:
             raise TrainingError(f"step {step}: {exc}; {self._resume_hint()}.") from None
+        except RuntimeError as exc:  # a collective FSDP runs inside forward and backward
+            lost = lost_peer(w, f"step {step}'s forward and backward", exc)
+            if lost is None:
+                raise
+            raise TrainingError(f"step {step}: {lost}; {self._resume_hint()}.") from None
         except NonFiniteStepError as exc:
             where = (
                 f"the last good checkpoint is {self.last_good}"
@@ -454,6 +465,11 @@ class _Run:
             )  # fmt: skip
         except CollectiveError as exc:
             raise TrainingError(f"{exc}; {self._resume_hint()}.") from None
+        except RuntimeError as exc:  # FSDP's all-gathers in the eval forward
+            lost = lost_peer(w, f"the eval at step {self.step}", exc)
+            if lost is None:
+                raise
+            raise TrainingError(f"{lost}; {self._resume_hint()}.") from None
         self.last_eval = {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
         if report and w.is_main:
             self.metrics.append(self.last_eval)
@@ -478,10 +494,14 @@ class _Run:
             except CollectiveError as exc:
                 raise TrainingError(f"{exc}; {self._resume_hint()}.") from None
             rng = {k: v.cpu() for states in gathered for k, v in states.items()}
+        adapter, optimizer_state = self._gathered(f"checkpoint step-{step}", optimizer=True)
         path = self.out / "checkpoints" / f"step-{step}"
         if w.is_main:
             try:
-                path = save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, trainer_state, rng)
+                path = save_checkpoint(
+                    self.out / "checkpoints", step, self.model, self.optimizer, trainer_state, rng, adapter,
+                    optimizer_state,
+                )  # fmt: skip
             except OSError as exc:
                 raise _write_failed(f"checkpoint step-{step}", self.out, exc, self.last_good) from None
             prune_checkpoints(self.out, s.keep_checkpoints)
@@ -489,12 +509,34 @@ class _Run:
         self.reporter.on_checkpoint(step, path)
         fault_point("after-checkpoint", step)
 
+    def _gathered(self, what: str, optimizer: bool = False) -> tuple[dict | None, dict | None]:
+        """A sharded run's adapter gathered whole and (with `optimizer`) every rank's optimizer state, on rank 0;
+        (None, None) when the model is not sharded. Collectives: every rank calls it."""
+        if not self.optimizer.sharded:
+            return None, None
+        from .fsdp import full_adapter_state
+
+        try:
+            adapter = full_adapter_state(self.model)
+            states = gather_objects(self.optimizer.state_dict(), self.world, what) if optimizer else None
+        except CollectiveError as exc:
+            raise TrainingError(f"{exc}; {self._resume_hint()}.") from None
+        except RuntimeError as exc:  # the gather inside DTensor.full_tensor
+            lost = lost_peer(self.world, f"gathering the adapter for {what}", exc)
+            if lost is None:
+                raise
+            raise TrainingError(f"{lost}; {self._resume_hint()}.") from None
+        return adapter, ({"name": self.optimizer.name, "ranks": states} if states is not None else None)
+
     def _save_final_adapter(self) -> None:
         """adapter/: the PEFT adapter and the tokenizer with the chat template training used (as axolotl and Unsloth
         save it), so `chat`, `generate` and the merged export format conversations as training did."""
+        adapter, _ = self._gathered("the final adapter")
+        if not self.world.is_main:
+            return
         try:
             with atomic_dir(self.out / "adapter", overwrite=True) as tmp:  # old adapter/ or new, never a partial one
-                save_adapter(self.model, tmp)
+                save_adapter(self.model, tmp, adapter)
                 self.tokenizer.save_pretrained(tmp)
                 fault_point("in-final-adapter", self.step)
         except OSError as exc:

@@ -22,7 +22,9 @@ from ..model import loader
 from ..model.embeddings import add_special_tokens, apply_trainable_tokens, resize_embeddings
 from ..model.lora import apply_lora, apply_modules_to_save
 from .checkpointing import enable_gradient_checkpointing
+from .distributed import SINGLE, World
 from .optim import AdapterOptimizer
+from .tiled_mlp import enable_tiled_mlp
 
 
 @dataclass
@@ -140,8 +142,9 @@ def _vocab_modules_saved(model: torch.nn.Module, paths: list[str]) -> bool:
     return bool(covered) and all(covered)
 
 
-def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
-    """Tokenizer and data (checked first), then the quantized base with LoRA, checkpointing and the optimizer."""
+def prepare_run(config: TrainConfig, device: torch.device, world: World = SINGLE) -> RunParts:
+    """Tokenizer and data (checked first), then the quantized base with LoRA, checkpointing and the optimizer.
+    With `train.fsdp` in a torchrun launch, the base loads sharded over the ranks (`fsdp.load_sharded`)."""
     s = config.train
     data = prepare_tokenizer_and_data(config)
     tokenizer, train_ds, eval_ds, notices, new_token_ids = (
@@ -149,6 +152,10 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
     )  # fmt: skip
     model_dir = loader.check_model_dir(config.model, config.revision)
     q, lc = config.quant, config.lora
+    if s.fsdp and world.distributed:
+        return RunParts(tokenizer, train_ds, eval_ds, *_sharded_model(config, model_dir, world, device), notices)
+    if s.fsdp:
+        notices.append("train.fsdp shards over the ranks of a torchrun launch; this is one process, so it is off")
     model, _ = loader.load_quantized(
         model_dir, q.bits, q.quant_type, q.double_quant, device, lc.target_modules, blocksize=q.blocksize,
         int8_threshold=q.int8_threshold, trust_remote_code=config.trust_remote_code, load_tokenizer=False,
@@ -164,6 +171,23 @@ def prepare_run(config: TrainConfig, device: torch.device) -> RunParts:
         apply_trainable_tokens(model, new_token_ids)
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=s.offload_activations)
+    if s.tiled_mlp:
+        enable_tiled_mlp(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
     return RunParts(tokenizer, train_ds, eval_ds, model, optimizer, notices)
+
+
+def _sharded_model(config: TrainConfig, model_dir, world: World, device: torch.device):
+    """(model, optimizer) of a sharded run: the base loaded and sharded with LoRA, checkpointing, the optimizer over
+    this rank's shards."""
+    from .fsdp import load_sharded
+
+    s = config.train
+    model, _ = load_sharded(
+        model_dir, world, device, config.quant, config.lora, seed=s.seed, trust_remote_code=config.trust_remote_code
+    )
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(model, offload=s.offload_activations)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
