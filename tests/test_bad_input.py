@@ -117,7 +117,7 @@ CASES: list[Case] = [
         "cli-unknown-command",
         "a sub-command that does not exist",
         lambda ws: ["trian"],
-        "unknown command 'trian' (did you mean 'train'?); choose one of train, data, export, memory, chat, generate, demo.",
+        "unknown command 'trian' (did you mean 'train'?); choose one of train, data, export, memory, chat, generate, demo, doctor.",
     ),
     Case(
         "cli-no-command",

@@ -10,6 +10,7 @@ by a c10d rendezvous on 127.0.0.1 stand in for two nodes.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -112,11 +113,10 @@ def test_a_killed_rank_stops_the_other_and_resume_ends_like_the_uninterrupted_ru
     assert killed.returncode != 0
     assert time.monotonic() - started < 60  # not a hang until the collective timeout
     survivor = [line for line in killed.stderr.splitlines() if "rank 0 of 2" in line]
-    # torchrun's SIGTERM, or gloo's report of the dead peer, whichever reaches rank 0 first
+    # torchrun's SIGTERM (rank 0 may still be finishing step 2), or gloo's report of the dead peer in step 3
     assert survivor, killed.stderr[-3000:]
-    assert (
-        "interrupted at step 3 on rank 0 of 2" in survivor[0]
-        or "step 3: rank 0 of 2 lost the other ranks during step 3's gradient sum" in survivor[0]
+    assert re.search(r"interrupted at step [23] on rank 0 of 2 \(when one rank fails, torchrun stops", survivor[0]) or (
+        "step 3: rank 0 of 2 lost the other ranks during step 3's gradient sum" in survivor[0]
     ), survivor[0]
     assert f"the last complete checkpoint is {tmp / 'killed' / 'checkpoints' / 'step-2'}" in survivor[0]
     assert "Traceback" not in killed.stdout

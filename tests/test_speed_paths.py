@@ -10,6 +10,7 @@ import torch
 
 from qlora_lite import apply_lora, load_quantized, train
 from qlora_lite.model.lora import lora_layers
+from qlora_lite.training import checkpointing
 from qlora_lite.training.checkpointing import enable_gradient_checkpointing
 from qlora_lite.training.loss import causal_lm_loss
 from tests.helpers import rel_err
@@ -24,7 +25,8 @@ def _adapter_grads(model, ids) -> dict[str, torch.Tensor]:
     return grads
 
 
-def test_offloaded_activations_give_the_same_gradients(tiny_model_dir):
+def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(checkpointing, "OFFLOAD_MIN_BYTES", 1024)  # the tiny layers' inputs are 6 KiB
     model, _ = load_quantized(tiny_model_dir("llama"), device="cpu")
     apply_lora(model, r=4, alpha=8, seed=0)
     with torch.no_grad():
@@ -36,6 +38,9 @@ def test_offloaded_activations_give_the_same_gradients(tiny_model_dir):
     kept = _adapter_grads(model, ids)
     enable_gradient_checkpointing(model, offload=True)
     offloaded = _adapter_grads(model, ids)
+    hooks = model.model.layers[0]._gradient_checkpointing_func.offloaded
+    assert hooks.next_key == 2  # each layer's input went to CPU memory and came back
+    assert len(hooks.handles) == 0  # and nothing is held once the graph is freed
     assert kept.keys() == offloaded.keys() and len(kept) == 28
     for name, grad in kept.items():
         assert grad.abs().sum() > 0, name

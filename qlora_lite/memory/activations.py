@@ -320,9 +320,21 @@ def _tiled_working_sets(
 def working_sets(
     inv: Inventory, targets: list[LinearInfo], acts: ActivationModel, s: RunSettings
 ) -> dict[str, tuple[int, int]]:
-    """{phase: (working set, dequantization part)}: bytes beyond the stored activations at each phase's worst moment."""
-    if s.tiled_mlp:
-        return _tiled_working_sets(inv, targets, acts, s)
+    """{phase: (working set, dequantization part)}: bytes beyond the stored activations at each phase's worst moment.
+
+    With offloaded activations on CUDA, the next layer's input is copied back while a layer is recomputed
+    (`training.checkpointing.OffloadedActivations`), so the backward holds one more layer input.
+    """
+    sets = _tiled_working_sets(inv, targets, acts, s) if s.tiled_mlp else _working_sets(inv, targets, acts, s)
+    if s.offload_activations and s.gradient_checkpointing and s.device == "cuda":
+        work, dequant = sets["backward"]
+        sets["backward"] = (work + BF16 * inv.hidden * s.tokens, dequant)
+    return sets
+
+
+def _working_sets(
+    inv: Inventory, targets: list[LinearInfo], acts: ActivationModel, s: RunSettings
+) -> dict[str, tuple[int, int]]:
     T, h, i = s.tokens, inv.hidden, inv.intermediate
     q, kv = inv.heads * inv.head_dim, inv.kv_heads * inv.head_dim
     wide = max(targets, key=lambda t: t.out_features * t.in_features) if targets else None

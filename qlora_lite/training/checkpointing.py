@@ -3,24 +3,103 @@ installed version has it."""
 
 from __future__ import annotations
 
-import inspect
+import weakref
 
 import torch
 
 from ..errors import ConfigError
 
+OFFLOAD_MIN_BYTES = 1 << 16  # smaller saved tensors (positions, rotary tables) are not worth a copy each way
 
-def _checkpoint_function(offload: bool):
-    """torch's non-reentrant checkpoint, optionally holding the saved layer inputs in (pinned) CPU memory."""
+
+class _Offloaded:
+    """One saved tensor held in CPU memory, and its copy back while it is on its way."""
+
+    def __init__(self, key: int, host: torch.Tensor, device: torch.device):
+        self.key, self.host, self.device = key, host, device
+        self.back: torch.Tensor | None = None  # the copy back to the device, once started
+        self.event = None  # the side stream's event for that copy
+
+
+class OffloadedActivations:
+    """Saved-tensor hooks that keep each checkpointed layer's saved input in CPU memory, copied on a side CUDA
+    stream so the copies overlap the compute (transformers' own offload copies on the compute stream).
+
+    Forward: the copy to pinned host memory waits for the tensor on the side stream, and the GPU block is kept from
+    reuse until it is done (`record_stream`). Backward unpacks the layers in reverse order; unpacking layer k starts
+    the copy back of layer k - 1, so it arrives while layer k is recomputed. Without CUDA the copies are plain
+    (the bookkeeping is the same, which is what the CPU tests check). Autograd owns the packed handles, so what a
+    freed graph held is freed with it.
+    """
+
+    def __init__(self, device: torch.device | None = None):
+        cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.handles: weakref.WeakValueDictionary[int, _Offloaded] = weakref.WeakValueDictionary()
+        self.next_key = 0
+
+    def pack(self, tensor: torch.Tensor):
+        small = tensor.numel() * tensor.element_size() < OFFLOAD_MIN_BYTES
+        if small or (self.stream is not None and tensor.device.type != "cuda"):
+            return tensor
+        key, self.next_key = self.next_key, self.next_key + 1
+        if self.stream is None:
+            handle = _Offloaded(key, tensor.detach().to("cpu", copy=True), tensor.device)
+        else:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(self.stream)  # its block is not reused before the copy has read it
+            handle = _Offloaded(key, host, tensor.device)
+        self.handles[key] = handle
+        return handle
+
+    def _fetch(self, handle: _Offloaded) -> None:
+        if handle.back is not None:
+            return
+        if self.stream is None:
+            handle.back = handle.host.to(handle.device)
+            return
+        with torch.cuda.stream(self.stream):
+            handle.back = handle.host.to(handle.device, non_blocking=True)
+            handle.event = self.stream.record_event()
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        self._fetch(packed)
+        before = self.handles.get(packed.key - 1)
+        if before is not None:  # the layer before is the next to be recomputed
+            self._fetch(before)
+        tensor, event = packed.back, packed.event
+        packed.back = packed.event = None  # the caller holds it now; a second unpack copies it again
+        if event is not None:
+            current = torch.cuda.current_stream(tensor.device)
+            current.wait_event(event)
+            tensor.record_stream(current)
+        return tensor
+
+    def hooks(self):
+        """The context that applies these hooks to what autograd saves inside it."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def _checkpoint_function(offload: bool, device: torch.device | None = None):
+    """torch's non-reentrant checkpoint, optionally holding the saved layer inputs in CPU memory
+    (`OffloadedActivations`: copied on a side stream on CUDA)."""
     from torch.utils.checkpoint import checkpoint
+
+    offloaded = OffloadedActivations(device) if offload else None
 
     def checkpoint_layer(function, *args, **kwargs):
         kwargs.setdefault("use_reentrant", False)
-        if not offload:
+        if offloaded is None:
             return checkpoint(function, *args, **kwargs)
-        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        with offloaded.hooks():
             return checkpoint(function, *args, **kwargs)
 
+    checkpoint_layer.offloaded = offloaded
     return checkpoint_layer
 
 
@@ -31,9 +110,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False)
     copied back for the recompute: it frees layers x tokens x hidden bf16 bytes of GPU memory, which dominates at
     long sequences, for a copy each way per layer.
 
-    transformers >= 5 offers `activation_checkpointing_enable(offload=...)`; 4.x offers
-    `gradient_checkpointing_enable` without offload. Offload on 4.x sets our checkpoint function on the layers
-    the way transformers itself does (`_set_gradient_checkpointing`).
+    Without offload this is transformers' public `activation_checkpointing_enable` (5.x) or
+    `gradient_checkpointing_enable` (4.x). With offload it sets our checkpoint function on the layers the way
+    transformers itself does (`_set_gradient_checkpointing`), with `OffloadedActivations` copying on a side stream.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(
@@ -41,13 +120,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False)
         )
     kwargs = {"use_reentrant": False}
     modern = getattr(model, "activation_checkpointing_enable", None)
-    has_offload = modern is not None and "offload" in inspect.signature(modern).parameters
-    # transformers pins the offloaded tensors, which needs an accelerator: on a CPU-only machine, ours does not pin
-    if has_offload and (not offload or torch.cuda.is_available()):
-        modern(activation_checkpointing_kwargs=kwargs, offload=offload)
+    if not offload and modern is not None:
+        modern(activation_checkpointing_kwargs=kwargs)
     elif not offload:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:  # offload without the public switch, or on a CPU-only machine (no pinned memory to offload into)
-        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=_checkpoint_function(offload))
+    else:  # ours: transformers' offload copies on the compute stream, ours on a side stream that overlaps it
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
+        model._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=_checkpoint_function(offload, device)
+        )
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()

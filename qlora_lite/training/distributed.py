@@ -87,13 +87,15 @@ def device_for(world: World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
-def start(world: World, device: torch.device, timeout_s: float) -> None:
-    """Join the process group (NCCL on CUDA, gloo on the CPU) unless it is running or the world is one process."""
+def start(world: World, device: torch.device, timeout_s: float) -> bool:
+    """Join the process group (NCCL on CUDA, gloo on the CPU) unless it is running or the world is one process;
+    True when this call started it (and `stop` should end it)."""
     if not world.distributed or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return True
 
 
 def stop() -> None:

@@ -57,6 +57,7 @@ from .distributed import (
     World,
     all_gather_objects,
     all_reduce_sum,
+    barrier,
     device_for,
     gather_objects,
     lost_peer,
@@ -106,11 +107,12 @@ def train(
     if not world.is_main:
         reporter, progress = None, False
     device = device_for(world) if world.distributed else default_device()
-    start(world, device, config.train.collective_timeout)
+    started = start(world, device, config.train.collective_timeout)
     try:
         return _train(config, world, device, resume, reporter, allow_data_change, progress)
     finally:
-        stop()
+        if started:  # a process group the caller started is the caller's
+            stop()
 
 
 def _train(
@@ -131,8 +133,11 @@ def _train(
         owned = []  # the caller's reporter is the caller's to close
     # One process per run dir (rank 0 of a launch): a second `train` on it would interleave checkpoints and metrics.
     with contextlib.ExitStack() as locked:
-        lock = DirectoryLock(config.output_dir, purpose="qlora-lite train")
-        run_on_main(world, lambda: locked.enter_context(lock) and None, "taking the run directory's lock")
+
+        def take_lock() -> None:
+            locked.enter_context(DirectoryLock(config.output_dir, purpose="qlora-lite train"))
+
+        run_on_main(world, take_lock, "taking the run directory's lock")
         run = _Run(config, reporter or Reporter(), owned, world=world, device=device)
         try:
             return run.run(resume, allow_data_change)
@@ -505,6 +510,11 @@ class _Run:
             except OSError as exc:
                 raise _write_failed(f"checkpoint step-{step}", self.out, exc, self.last_good) from None
             prune_checkpoints(self.out, s.keep_checkpoints)
+        if w.distributed:  # no rank goes on (or reports the checkpoint) before it is complete on disk
+            try:
+                barrier(w, f"checkpoint step-{step}")
+            except CollectiveError as exc:
+                raise TrainingError(f"{exc}; {self._resume_hint()}.") from None
         self.last_good = path
         self.reporter.on_checkpoint(step, path)
         fault_point("after-checkpoint", step)
