@@ -58,16 +58,17 @@ def quantize_8bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, row_scales
 
 
-def make_linear4bit(
-    packed: torch.Tensor,
-    state: bnbf.QuantState,
+def _linear4bit(
+    out_features: int,
+    in_features: int,
+    data: torch.Tensor,
+    state: bnbf.QuantState | None,
     bias: torch.Tensor | None,
     quant_type: str,
     double_quant: bool,
-    blocksize: int = 64,
+    blocksize: int,
 ) -> bnb.nn.Linear4bit:
-    """A frozen bitsandbytes `Linear4bit` around an already packed weight (no re-quantization)."""
-    out_features, in_features = state.shape
+    """A frozen `Linear4bit` whose weight is `data` (packed uint8) with the quantization `state` (None: set later)."""
     module = bnb.nn.Linear4bit(
         in_features,
         out_features,
@@ -79,7 +80,7 @@ def make_linear4bit(
         device="meta",
     )
     module.weight = bnb.nn.Params4bit(
-        data=packed,
+        data=data,
         requires_grad=False,
         quant_state=state,
         blocksize=blocksize,
@@ -100,6 +101,19 @@ def make_linear4bit(
     return module
 
 
+def make_linear4bit(
+    packed: torch.Tensor,
+    state: bnbf.QuantState,
+    bias: torch.Tensor | None,
+    quant_type: str,
+    double_quant: bool,
+    blocksize: int = 64,
+) -> bnb.nn.Linear4bit:
+    """A frozen bitsandbytes `Linear4bit` around an already packed weight (no re-quantization)."""
+    out_features, in_features = state.shape
+    return _linear4bit(out_features, in_features, packed, state, bias, quant_type, double_quant, blocksize)
+
+
 def packed_shape_4bit(out_features: int, in_features: int) -> tuple[int, int]:
     """The shape of bitsandbytes' packed uint8 storage of a [out, in] weight: two 4-bit codes per byte, one column."""
     return (out_features * in_features + 1) // 2, 1
@@ -116,30 +130,9 @@ def empty_linear4bit(
     """A frozen `Linear4bit` whose packed weight (and bias) are on the meta device and which has no quantization
     state yet: the shape of `make_linear4bit`'s layer, for a loader that fills the weight (or a shard of it) later
     and then sets `module.quant_state` (and `module.weight.quant_state` while the weight is still a Params4bit)."""
-    module = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
-        bias=bias,
-        compute_dtype=COMPUTE_DTYPE,
-        compress_statistics=double_quant,
-        quant_type=quant_type,
-        quant_storage=torch.uint8,
-        device="meta",
-    )
-    module.weight = bnb.nn.Params4bit(
-        data=torch.empty(packed_shape_4bit(out_features, in_features), dtype=torch.uint8, device="meta"),
-        requires_grad=False,
-        blocksize=blocksize,
-        compress_statistics=double_quant,
-        quant_type=quant_type,
-        quant_storage=torch.uint8,
-        module=module,
-        bnb_quantized=True,
-    )
-    if bias:
-        module.bias = nn.Parameter(torch.empty(out_features, dtype=COMPUTE_DTYPE, device="meta"), requires_grad=False)
-    module.support_avx512bf16_for_cpu = False
-    return module
+    data = torch.empty(packed_shape_4bit(out_features, in_features), dtype=torch.uint8, device="meta")
+    meta_bias = torch.empty(out_features, dtype=COMPUTE_DTYPE, device="meta") if bias else None
+    return _linear4bit(out_features, in_features, data, None, meta_bias, quant_type, double_quant, blocksize)
 
 
 def make_linear8bit(
