@@ -42,6 +42,30 @@ def _broken_weights(ws: Workspace) -> list[str]:
     return ws.export(dst)
 
 
+def _gguf_of_unsupported_arch(ws: Workspace) -> list[str]:
+    """A tiny Phi-3 base with a LoRA adapter for it, exported with --format gguf (llama.cpp has no phi3 here)."""
+    from qlora_lite import apply_lora, load_quantized, save_adapter
+    from qlora_lite.model.tiny import save_tiny_model
+
+    base = save_tiny_model(ws.root / "phi3", "phi3")
+    model, _ = load_quantized(base, device="cpu", load_tokenizer=False)
+    apply_lora(model, r=4, alpha=8, seed=0)
+    adapter = save_adapter(model, ws.root / "phi3-adapter")
+    return ws.export(adapter, base, "--format", "gguf")
+
+
+def _dora_adapter_saying_plain_lora(ws: Workspace) -> list[str]:
+    """A DoRA adapter (magnitude vectors in its weights) whose adapter_config.json says use_dora false."""
+    from qlora_lite import apply_lora, load_quantized, save_adapter
+
+    model, _ = load_quantized(ws.model, device="cpu", load_tokenizer=False)
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj"], seed=0, use_dora=True)
+    adapter = save_adapter(model, ws.root / "adapter-dora")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=False)))
+    return ws.export(adapter)
+
+
 def _export_over_live_run(ws: Workspace) -> list[str]:
     """A run dir that a training process holds (its lock, as `train` takes it), exported over with --overwrite."""
     run = ws.root / "run"
@@ -113,6 +137,20 @@ CASES: list[Case] = [
         "the weights and the config belong to different adapters, re-save the adapter.",
     ),
     Case(
+        "adapter-use-dora-without-magnitudes",
+        "an adapter_config.json with use_dora true over plain LoRA weights (no lora_magnitude_vector)",
+        _config_edit("adapter-nodora", _set(use_dora=True)),
+        "./adapter-nodora/adapter_config.json has use_dora true but the adapter has no "
+        "model.layers.0.mlp.down_proj.lora_magnitude_vector beside its LoRA matrices; re-save the adapter.",
+    ),
+    Case(
+        "adapter-magnitudes-without-use-dora",
+        "a DoRA adapter (lora_magnitude_vector tensors) whose adapter_config.json says use_dora false",
+        _dora_adapter_saying_plain_lora,
+        "is a DoRA magnitude, but ./adapter-dora/adapter_config.json has use_dora false; set use_dora to true if the "
+        "adapter was trained with DoRA, or re-save the adapter.",
+    ),
+    Case(
         "adapter-weights-not-safetensors",
         "an adapter_model.safetensors that is not a safetensors file",
         _broken_weights,
@@ -123,6 +161,20 @@ CASES: list[Case] = [
         "an adapter path that is a file",
         lambda ws: ws.export(ws.write("adapter.json", "{}")),
         "adapter path ./adapter.json is a file; give the adapter/ folder of a run (or a peft adapter dir).",
+    ),
+    Case(
+        "gguf-unsupported-architecture",
+        "export --format gguf of a model family the GGUF export does not write (Phi-3)",
+        _gguf_of_unsupported_arch,
+        "./phi3 is a phi3 model, which the GGUF export does not support (llama, mistral, qwen2, gemma, gemma2); "
+        "export with --format hf instead.",
+    ),
+    Case(
+        "gguf-unsupported-type",
+        "export --format gguf with a --gguf-type it cannot write (q5_k)",
+        lambda ws: ws.export(None, None, "--format", "gguf", "--gguf-type", "q5_k"),
+        "GGUF type 'q5_k' is not supported; use f16, bf16, q8_0 or q4_0 (for k-quants run llama.cpp's "
+        "llama-quantize on an f16 export).",
     ),
     Case(
         "export-over-a-training-run",

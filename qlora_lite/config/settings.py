@@ -120,6 +120,9 @@ class LoraConfig(Section):
         resume=True,
     )
     rslora: bool = setting(False, "rank-stabilised scaling alpha / sqrt(r)", resume=True)
+    use_dora: bool = setting(
+        False, "DoRA (peft's use_dora): a trained magnitude per output row scales W + scaling·B·A", resume=True
+    )
     modules_to_save: list = setting(
         [], "modules trained whole and saved as peft does (e.g. [embed_tokens, lm_head] for new tokens)", resume=True
     )
@@ -221,6 +224,9 @@ class TrainSettings(Section):
         "run each layer's feed-forward norm + MLP over tiles of the sequence in forward and backward, so its "
         "intermediates exist for one tile at a time (long sequences; same values, ~5% slower)",
     )
+    compile: bool = setting(
+        False, "torch.compile each decoder layer (regional: compiled once, reused by every layer); costs compile time"
+    )
     loss_chunk_tokens: int = setting(
         128,
         "tokens per chunk of lm_head + cross-entropy, so full-vocabulary logits never exist (0: unchunked)",
@@ -285,6 +291,11 @@ class TrainConfig:
             found.append(
                 "train.fsdp shards 4-bit bases only (bitsandbytes' 8-bit layers cannot be sharded); set quant.bits: 4, "
                 "or train.fsdp: false to replicate the 8-bit base on every rank"
+            )
+        if self.train.fsdp is True and self.lora.use_dora is True:
+            found.append(
+                "lora.use_dora does not run under train.fsdp yet (its magnitudes start from the whole base weights); "
+                "turn one of them off"
             )
         if self.train.fsdp is True and self.train.tiled_mlp is True:
             found.append("train.tiled_mlp does not run under train.fsdp yet; turn one of them off")

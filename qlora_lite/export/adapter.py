@@ -1,7 +1,8 @@
 """The PEFT adapter directory: writing it, reading it back, and the quantization record it carries.
 
 Adapter dir: `adapter_config.json` + `adapter_model.safetensors` with peft's key names
-(`base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads it.
+(`base_model.model.<module path>.lora_A.weight`; DoRA adds `<module path>.lora_magnitude_vector` and
+`"use_dora": true`), so `peft.PeftModel.from_pretrained` loads it.
 `adapter_config.json` carries one extra key, "qlora_lite", with the quantization the adapter was trained
 against (peft ignores unknown keys); the merged export re-creates that quantization from it.
 """
@@ -31,6 +32,7 @@ from ..model.lora import (
 from .adapter_config import QLORA_KEY, check_quant_record, read_adapter_config_file
 
 PEFT_PREFIX = "base_model.model."
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA's magnitude [out], as peft names it in the file
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -89,7 +91,7 @@ def adapter_config_dict(model: nn.Module) -> dict:
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "revision": None,
         "trainable_token_indices": getattr(model, "qlora_tokens", None),
     }
@@ -124,7 +126,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, state: dict[str, torch.T
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """The parsed `adapter_config.json` of an adapter dir, checked to be a plain LoRA adapter whose every key
+    """The parsed `adapter_config.json` of an adapter dir, checked to be a LoRA (or DoRA) adapter whose every key
     has the right type (`AdapterError` naming the file and key otherwise)."""
     if not isinstance(adapter_dir, (str, os.PathLike)):
         raise AdapterError(
@@ -145,8 +147,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
             f"{adapter_dir} has no {ADAPTER_CONFIG}; point to a directory written by save_adapter or peft."
         )
     config = read_adapter_config_file(path)
-    if config.get("use_dora"):
-        raise AdapterError(f"{path} is a DoRA adapter, which qlora-lite does not support.")
     saved = config.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(n, str) and n for n in saved)):
         raise AdapterError(f"{path} has modules_to_save {saved!r}, not a list of module names; re-save the adapter.")
@@ -217,7 +217,9 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, AdapterWeights]:
         raise AdapterError(
             f"the adapter in {adapter_dir} changed while it was being read; read it again once it is written."
         )
-    check_adapter_ranks(config, {key: weights.shape(key) for key in weights.keys()}, Path(adapter_dir) / ADAPTER_CONFIG)
+    shapes = {key: weights.shape(key) for key in weights.keys()}
+    check_adapter_ranks(config, shapes, Path(adapter_dir) / ADAPTER_CONFIG)
+    check_dora_tensors(config, shapes, Path(adapter_dir) / ADAPTER_CONFIG)
     return config, weights
 
 
@@ -237,6 +239,39 @@ def check_adapter_ranks(config: dict, shapes: dict[str, tuple[int, ...]], where:
                     )
 
 
+def check_dora_tensors(config: dict, shapes: dict[str, tuple[int, ...]], where: str | Path) -> None:
+    """DoRA's magnitude vectors: one 1-D `lora_magnitude_vector` beside each lora_B when the config says use_dora,
+    none otherwise (peft would ignore them, and the adapter would compute something else)."""
+    names = {_module_key(key): key for key in shapes}
+    magnitudes = sorted(name for name in names if name.endswith(MAGNITUDE_SUFFIX))
+    if not config.get("use_dora"):
+        if magnitudes:
+            raise AdapterError(
+                f"adapter tensor {names[magnitudes[0]]!r} is a DoRA magnitude, but {where} has use_dora false; "
+                "set use_dora to true if the adapter was trained with DoRA, or re-save the adapter."
+            )
+        return
+    for name in sorted(n for n in names if n.endswith(".lora_B.weight")):
+        module = name[: -len(".lora_B.weight")]
+        key = names.get(module + MAGNITUDE_SUFFIX)
+        if key is None:
+            raise AdapterError(
+                f"{where} has use_dora true but the adapter has no {module}{MAGNITUDE_SUFFIX} beside its LoRA "
+                "matrices; re-save the adapter."
+            )
+        out_f = shapes[names[name]][0] if len(shapes[names[name]]) == 2 else None
+        if shapes[key] != (out_f,):
+            raise AdapterError(
+                f"adapter tensor {key!r} has shape {list(shapes[key])} but the DoRA magnitude of {module} must be "
+                f"[{out_f}] (one value per row of its lora_B); re-save the adapter."
+            )
+    orphans = [n for n in magnitudes if n[: -len(MAGNITUDE_SUFFIX)] + ".lora_B.weight" not in names]
+    if orphans:
+        raise AdapterError(
+            f"adapter tensor {names[orphans[0]]!r} is a DoRA magnitude without LoRA matrices beside it; re-save the adapter."
+        )
+
+
 def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """Adapter tensors keyed by module path (`<path>.lora_A.weight`), peft's prefix removed."""
     _, weights = read_adapter(adapter_dir)
@@ -245,17 +280,18 @@ def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def _stored_adapter_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     # peft saves fp32 adapters and computes them in fp32; rounding them to bf16 would move logits by ~1%.
-    dtypes = {t.dtype for t in tensors.values()}
+    dtypes = {t.dtype for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
     return quant.COMPUTE_DTYPE if dtypes == {quant.COMPUTE_DTYPE} else torch.float32
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Load a PEFT-format LoRA adapter into `model`, applying LoRA first if the model has none.
+    """Load a PEFT-format LoRA adapter (DoRA included) into `model`, applying LoRA first if the model has none.
 
     LoRA applied here keeps the file's precision: bf16 adapters stay bf16, fp32 (peft's default) stay fp32.
     Returns the model in eval mode, as peft's `PeftModel.from_pretrained` does, so the adapter's dropout is off;
     call `model.train()` to train it further. Raises `AdapterError` for a non-model, a missing or malformed
-    adapter, or one whose tensors do not fit the config or the model.
+    adapter, one whose tensors do not fit the config or the model, or a DoRA adapter for a model with plain LoRA
+    layers (and the other way round).
     """
     _check_model(model, "load_adapter")
     config, weights = read_adapter(adapter_dir)
@@ -274,8 +310,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             dropout=float(config.get("lora_dropout") or 0.0),
             target_modules=targets if isinstance(targets, str) else list(targets),
             rslora=bool(config.get("use_rslora")),
-            adapter_dtype=_stored_adapter_dtype({k: v for k, v in tensors.items() if ".lora_" in k}),
+            adapter_dtype=_stored_adapter_dtype(tensors),
+            use_dora=bool(config.get("use_dora")),
         )
+    _check_same_variant(model, config, adapter_dir)
     if config.get("trainable_token_indices") and getattr(model, "qlora_tokens", None) is None:
         _apply_saved_tokens(model, config, adapter_dir)
     if config.get("modules_to_save") and getattr(model, "qlora_modules_to_save", None) is None:
@@ -303,6 +341,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         for name, tensor in tensors.items():
             own[name].copy_(tensor.to(own[name].dtype))
     return model.eval()
+
+
+def _check_same_variant(model: nn.Module, config: dict, adapter_dir: str | Path) -> None:
+    """Refuse a DoRA adapter for a model with plain LoRA layers, and the other way round."""
+    ours, theirs = model.qlora_lora.config.use_dora, bool(config.get("use_dora"))
+    if ours != theirs:
+        kinds = {True: "DoRA", False: "plain LoRA"}
+        raise AdapterError(
+            f"the adapter in {adapter_dir} is a {kinds[theirs]} adapter (use_dora {str(theirs).lower()}) but this model "
+            f"has {kinds[ours]} layers; load it into a fresh base model."
+        )
 
 
 def _apply_saved_tokens(model: nn.Module, config: dict, adapter_dir: str | Path) -> None:
@@ -382,7 +431,7 @@ def adapter_quantized_modules(config: dict) -> list[str] | None:
 
 __all__ = [
     "PEFT_PREFIX", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "QLORA_KEY", "adapter_config_dict", "save_adapter", "read_adapter_config",
-    "read_adapter_tensors", "read_adapter", "check_adapter_ranks", "AdapterWeights", "load_adapter", "adapter_quant_settings", "adapter_quantized_modules",
+    "read_adapter_tensors", "read_adapter", "check_adapter_ranks", "check_dora_tensors", "AdapterWeights", "load_adapter", "adapter_quant_settings", "adapter_quantized_modules",
 ]  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 A targeted weight becomes `deq(quantize(W)) + scaling·B·A` (the weights the adapter trained against) or
 `W + scaling·B·A`, in fp32, cast to the output dtype and checked to fit it; other tensors are cast and copied.
-Working memory stays at about one tensor's worth.
+A DoRA adapter then scales each row V = W + scaling·B·A to its magnitude: `m / ||V||_row · V` (peft's DoRA merge;
+each block holds whole rows, so the row norms are exact). Working memory stays at about one tensor's worth.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def _check_range(values: torch.Tensor, key: str, dtype: torch.dtype) -> None:
 
 
 def _merged_tensor(item: _Item, plan: ExportPlan, device: torch.device) -> torch.Tensor:
-    """deq(W_q) (or W) + scaling·B·A in fp32, cast to the output dtype, in the checkpoint's own layout."""
+    """deq(W_q) (or W) + scaling·B·A in fp32 (DoRA: each row scaled by m / its norm), cast to the output dtype, in
+    the checkpoint's own layout."""
     if plan.merge_into == "dequantized" and item.dequantize:
         weight = item.shard.read(item.key, quant.COMPUTE_DTYPE)
         rows_of = _dequantized_rows(weight.t() if item.conv1d else weight, plan.quant, device)
@@ -118,12 +120,15 @@ def _merged_tensor(item: _Item, plan: ExportPlan, device: torch.device) -> torch
     lora = item.lora
     a = plan.adapter.read(lora.key_a, torch.float32) if lora else None
     b = plan.adapter.read(lora.key_b, torch.float32) if lora else None
+    magnitude = plan.adapter.read(lora.key_m, torch.float32) if lora and lora.key_m else None
     step = max(1, CHUNK_ELEMENTS // max(in_f, 1))
     for start in range(0, out_f, step):
         rows = slice(start, min(start + step, out_f))
         merged = rows_of(rows)
         if lora is not None:
             merged.addmm_(b[rows], a, alpha=lora.scaling)
+        if magnitude is not None:  # DoRA: V = W + scaling·B·A rescaled row by row to m / ||V||
+            merged.mul_((magnitude[rows] / torch.linalg.vector_norm(merged, dim=1)).unsqueeze(1))
         _check_range(merged, item.key, plan.dtype)
         dest[rows].copy_(merged)
     return out

@@ -20,6 +20,7 @@ from ..io.safetensors import SafetensorsFile, weight_files
 from ..model.lora import lora_scaling, matches_module_entry
 from .adapter import (
     ADAPTER_CONFIG,
+    MAGNITUDE_SUFFIX,
     AdapterWeights,
     _module_key,
     _pattern_value,
@@ -39,6 +40,7 @@ class _Lora:
     key_a: str
     key_b: str
     scaling: float
+    key_m: str | None = None  # DoRA's magnitude [out] (`lora_magnitude_vector`); None for plain LoRA
 
 
 @dataclass
@@ -156,13 +158,18 @@ def _saved_keys(adapter: AdapterWeights, config: dict) -> dict[str, str]:
 
 
 def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
-    """module path -> its adapter keys and scaling; refuses tensors that are not LoRA A/B matrices."""
+    """module path -> its adapter keys (DoRA's magnitude included) and scaling; refuses tensors that are not LoRA
+    A/B matrices (`read_adapter` has checked each magnitude against its lora_B and the config's use_dora)."""
     keys: dict[str, dict[str, str]] = {}
+    magnitudes: dict[str, str] = {}
     saved = set(_saved_keys(adapter, config).values())
     for key in adapter.keys():
         name = _module_key(key)
         if key in saved:
             continue  # a whole modules_to_save tensor: `_plan_saved_modules` places it
+        if name.endswith(MAGNITUDE_SUFFIX):
+            magnitudes[name[: -len(MAGNITUDE_SUFFIX)]] = key
+            continue
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if name.endswith(suffix):
@@ -186,7 +193,8 @@ def _lora_index(adapter: AdapterWeights, config: dict) -> dict[str, _Lora]:
                 )
         r = adapter.shape(pair["lora_A"])[0]
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
-        index[module] = _Lora(pair["lora_A"], pair["lora_B"], lora_scaling(r, alpha, bool(config.get("use_rslora"))))
+        scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
+        index[module] = _Lora(pair["lora_A"], pair["lora_B"], scaling, magnitudes.get(module))
     if not index and not saved and not any(_module_key(key).endswith(TOKEN_SUFFIX) for key in adapter.keys()):
         raise AdapterError(f"{adapter.path} holds no LoRA tensors; re-save the adapter.")
     return index
@@ -205,6 +213,11 @@ def _check_lora_shapes(item: _Item, lora: _Lora, adapter: AdapterWeights) -> Non
                 f"adapter tensor {key!r} has shape {list(shape)} but the base weight {item.key!r} is {list(item.shape)} "
                 f"({layout}, so lora_A must be [r, {in_f}] and lora_B [{out_f}, r]); the adapter belongs to a different base model."
             )
+    if lora.key_m is not None and adapter.shape(lora.key_m) != (out_f,):
+        raise AdapterError(
+            f"adapter tensor {lora.key_m!r} has shape {list(adapter.shape(lora.key_m))} but the base weight {item.key!r} "
+            f"has {out_f} output rows, one DoRA magnitude each; the adapter belongs to a different base model."
+        )
 
 
 def _base_items(base_dir: Path, shards: list[SafetensorsFile], out_dtype: torch.dtype, trust_remote_code: bool):

@@ -75,6 +75,8 @@ def sdpa_masked(inv: Inventory, s: RunSettings) -> bool:
 def _lora_saved(inv: Inventory, layer_targets: list[LinearInfo], s: RunSettings, mode: str) -> int:
     """Bytes per token the LoRA layers of `layer_targets` keep (their inputs and [tokens, r] intermediates)."""
     per_token = BF16 * s.rank * len(layer_targets)  # lora_B keeps its input, the [tokens, r] output of lora_A
+    if s.use_dora:  # DoRA's magnitude gradient needs the base and the LoRA outputs, [tokens, out] each
+        per_token += sum(2 * BF16 * t.out_features for t in layer_targets)
     if s.lora_dropout > 0:
         return per_token + sum(3 * t.in_features for t in layer_targets)  # per LoRA: bf16 dropout output + bool mask
     roles = {t.role for t in layer_targets if not (t.role == "attn_out" and mode == "flash")}  # flash keeps O anyway
@@ -98,6 +100,8 @@ def layer_activations(inv: Inventory, layer_targets: list[LinearInfo], s: RunSet
     norm = FP32 * h + FP32  # RMSNorm upcast: autograd keeps the fp32 input (pow/mul) and the fp32 rstd (mul/rsqrt)
     norms = arch.norms_per_layer - (1 if first else 0)  # layer 0's input norm sees embeddings that need no grad
     constant = norms * FP32 * h if arch.norm == "gemma" else 0  # gemma keeps the fp32 (1 + w) factor of each norm
+    if s.use_dora:  # per output row: the fp32 weight norm the division keeps, and two bf16 factors of the DoRA term
+        constant += sum(8 * t.out_features for t in layer_targets)
     repeat_kv = inv.kv_heads != a and (mode == "eager" or sdpa_masked(inv, s))  # transformers' repeat_kv copies K/V
     attn, per_square = _lora_saved(inv, attn_targets, s, mode), 0
     if mode == "flash":

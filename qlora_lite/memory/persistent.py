@@ -28,11 +28,13 @@ def unquantized_weight_bytes(inv: Inventory, targets: list[LinearInfo]) -> int:
     return BF16 * sum(n for name, n in inv.param_numel.items() if name not in quantized)  # loader keeps the rest bf16
 
 
-def adapter_numels(targets: list[LinearInfo], rank: int) -> list[int]:
-    """Element counts of every adapter tensor: A [r, in] and B [out, r] per targeted layer."""
+def adapter_numels(targets: list[LinearInfo], rank: int, dora: bool = False) -> list[int]:
+    """Element counts of every adapter tensor: A [r, in] and B [out, r] per targeted layer, and with DoRA its
+    magnitude vector [out] (`model.dora.DoraLinear.lora_magnitude_vector`, in the adapter dtype like A and B, so its
+    gradient, fp32 master and optimizer state are counted with theirs)."""
     out = []
     for t in targets:
-        out += [rank * t.in_features, t.out_features * rank]
+        out += [rank * t.in_features, t.out_features * rank] + ([t.out_features] if dora else [])
     return out
 
 
@@ -60,8 +62,9 @@ def module_numels(inv: Inventory, names: tuple[str, ...]) -> list[int]:
 
 
 def added_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> list[int]:
-    """Element counts of the tensors training adds to the model: LoRA A/B, then the new-token deltas."""
-    return adapter_numels(targets, s.rank) + token_numels(inv, s.trainable_token_rows)
+    """Element counts of the tensors training adds to the model: LoRA A/B (DoRA's magnitudes), then the new-token
+    deltas."""
+    return adapter_numels(targets, s.rank, s.use_dora) + token_numels(inv, s.trainable_token_rows)
 
 
 def trainable_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> list[int]:

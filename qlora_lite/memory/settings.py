@@ -27,6 +27,7 @@ SCHEMA_KEYS = {
     "rank": "lora.r",
     "targets": "lora.target_modules",
     "lora_dropout": "lora.dropout",
+    "use_dora": "lora.use_dora",
     "seq_len": "data.max_seq_len",
     "packing": "data.packing",
     "batch_size": "train.micro_batch_size",
@@ -58,6 +59,7 @@ class RunSettings:
     rank: int = _default("rank")
     targets: Any = _default("targets")
     lora_dropout: float = _default("lora_dropout")
+    use_dora: bool = _default("use_dora")  # DoRA: one magnitude vector [out] per adapted layer
     seq_len: int = _default("seq_len")
     packing: bool = _default("packing")
     batch_size: int = _default("batch_size")

@@ -41,6 +41,9 @@ def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
 class LoraLinear(nn.Module):
     """A frozen base linear plus a trainable low-rank update in `adapter_dtype` (bf16 by default)."""
 
+    # the adapter's parameters, by their name in the module (and in peft's file); variants (DoRA) add theirs
+    adapter_names: tuple[str, ...] = ("lora_A.weight", "lora_B.weight")
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -106,17 +109,25 @@ def apply_lora(
     rslora: bool = False,
     adapter_dtype: torch.dtype = COMPUTE_DTYPE,
     seed: int | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Wrap the targeted linear layers of `model` with LoRA, in place; only A and B stay trainable.
+
+    `use_dora`: DoRA layers (`model.dora.DoraLinear`, peft's `use_dora`) instead, which also train a magnitude
+    vector per layer (started from the row norms of the loaded base weights).
 
     Raises `ConfigError` for an argument of the wrong type (a model that is not a torch module, r=2.5,
     alpha="32", ...), r <= 0, a non-finite alpha, r larger than a layer's smaller side, or targets that match
     nothing. Afterwards the model's `save_pretrained` raises `ExportError` pointing at `save_adapter` / `export_merged`.
     """
     check_lora_arguments(model, r, alpha, dropout, target_modules, rslora, adapter_dtype, seed)
+    if not isinstance(use_dora, bool):
+        raise ConfigError(f"apply_lora: use_dora must be True or False, not {use_dora!r}.")
     if isinstance(target_modules, tuple):
         target_modules = list(target_modules)
-    settings = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, rslora=rslora)
+    settings = LoraConfig(
+        r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, rslora=rslora, use_dora=use_dora
+    )
     settings.validate()
     if getattr(model, "qlora_lora", None) is not None:
         raise ConfigError("this model already has LoRA adapters; load a fresh base model to apply new ones.")
@@ -133,6 +144,11 @@ def apply_lora(
                 f"use r <= {min(in_f, out_f)}."
             )
     model.requires_grad_(False)
+    layer_class = LoraLinear
+    if use_dora:
+        from .dora import DoraLinear
+
+        layer_class = DoraLinear
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
@@ -140,7 +156,7 @@ def apply_lora(
         for name in targets:
             parent_path, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_path)
-            setattr(parent, child, LoraLinear(getattr(parent, child), r, alpha, dropout, rslora, adapter_dtype))
+            setattr(parent, child, layer_class(getattr(parent, child), r, alpha, dropout, rslora, adapter_dtype))
     finally:
         if seed is not None:
             torch.random.set_rng_state(generator_state)
@@ -151,16 +167,17 @@ def apply_lora(
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Every LoRA layer of the model by module path."""
+    """Every LoRA layer of the model by module path (DoRA layers included)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors keyed by module path: `<path>.lora_A.weight`, `<path>.lora_B.weight`."""
+    """The adapter tensors keyed by module path: `<path>.lora_A.weight`, `<path>.lora_B.weight` (and DoRA's
+    `<path>.lora_magnitude_vector`)."""
     state = {}
     for name, layer in lora_layers(model).items():
-        state[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{name}.lora_B.weight"] = layer.lora_B.weight
+        for key in layer.adapter_names:
+            state[f"{name}.{key}"] = layer.get_parameter(key)
     return state
 
 

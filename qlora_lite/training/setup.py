@@ -164,7 +164,7 @@ def prepare_run(config: TrainConfig, device: torch.device, world: World = SINGLE
         new_token_ids += resize_embeddings(model, len(tokenizer))
     apply_lora(
         model, lc.r, lc.alpha, lc.dropout, lc.target_modules, rslora=lc.rslora,
-        adapter_dtype=getattr(torch, lc.adapter_dtype), seed=s.seed,
+        adapter_dtype=getattr(torch, lc.adapter_dtype), seed=s.seed, use_dora=lc.use_dora,
     )  # fmt: skip
     whole = apply_modules_to_save(model, list(lc.modules_to_save)) if lc.modules_to_save else []
     if new_token_ids and not _vocab_modules_saved(model, whole):  # peft's trainable_token_indices: only new rows train
