@@ -5,7 +5,13 @@ gradient checkpointing and optimizer, run both ways in fresh processes that alte
 Prints median tokens/s, peak memory (CUDA: max allocated / reserved; CPU: peak RSS of the training phase),
 the loss after the first step and after N steps, and the ratios qlora-lite / baseline.
 
+`--compile` adds a third side, qlora-lite with `train.compile` (its decoder layers compiled regionally), run in the
+same alternation as eager qlora-lite, and prints the compiled / eager ratios and the compile time: the compiled
+first step minus the eager first step (each compiled process starts from an empty inductor cache, so this is what
+a run pays the first time), and the steps it takes to earn it back.
+
     python tools/bench.py --device cpu                      # small Llama-shaped model, seq 256
+    python tools/bench.py --device cpu --compile            # the same, plus qlora-lite compiled
     python tools/bench.py --device cuda --model llama-1b-128k --seq-len 2048 --micro-batch 1
 
 Not a test: benchmarks print ratios; they do not assert.
@@ -23,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+COMPILED = "qlora-compiled"  # the side with train.compile
 MAX_GRAD_NORM = 1.0  # train.max_grad_norm's default, and transformers' Trainer's
 MODELS = {
     # hidden, layers, intermediate, heads, kv heads, vocab
@@ -97,6 +104,7 @@ def build_qlora(model_dir: Path, device, args):
 
     from qlora_lite import apply_lora, load_quantized
     from qlora_lite.training.checkpointing import enable_gradient_checkpointing
+    from qlora_lite.training.compile import compile_decoder_layers
     from qlora_lite.training.optim import AdapterOptimizer
     from qlora_lite.training.step import train_step
 
@@ -105,6 +113,8 @@ def build_qlora(model_dir: Path, device, args):
     )
     apply_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", seed=args.seed)
     enable_gradient_checkpointing(model, offload=args.offload)
+    if args.side == COMPILED:
+        compile_decoder_layers(model)  # where prepare_run calls it: after checkpointing, before the optimizer
     model.train()
     optimizer = AdapterOptimizer(model.parameters(), args.optimizer, lr=args.lr)
 
@@ -179,7 +189,7 @@ def child(args) -> dict:
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    build = build_qlora if args.side == "qlora" else build_baseline
+    build = build_baseline if args.side == "baseline" else build_qlora
     step = build(Path(args.model_dir), device, args)
     batches = [
         b.to(device)
@@ -200,6 +210,8 @@ def child(args) -> dict:
     result = {
         "side": args.side,
         "tokens_per_s": args.micro_batch * args.seq_len / statistics.median(timed),
+        "first_step_s": times[0],  # with --compile, the compiled side's includes tracing and compiling
+        "step_s": statistics.median(timed),
         "losses": losses,
         "load_peak_rss": load_peak,
         "train_peak_rss": peak_rss(),
@@ -228,16 +240,20 @@ def run_side(side: str, model_dir: Path, args) -> dict:
     ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += ["--offload"] if args.offload else []
-    out = subprocess.run(
-        cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryDirectory() as cache:
+        if side == COMPILED:  # an empty inductor cache, so the first step pays the whole compile
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def summarize(runs: list[dict], args) -> None:
-    """Print medians per side and the qlora-lite / baseline ratios."""
+    """Print medians per side and the qlora-lite / baseline ratios (with --compile: the compiled side too, its
+    compiled / eager ratios, its compile time and the steps that earn it back)."""
     gib = 2**30
-    by_side = {side: [r for r in runs if r["side"] == side] for side in ("qlora", "baseline")}
+    sides = ["qlora", COMPILED, "baseline"] if args.compile else ["qlora", "baseline"]
+    by_side = {side: [r for r in runs if r["side"] == side] for side in sides}
 
     def med(side, key):
         return statistics.median(r[key] for r in by_side[side])
@@ -250,19 +266,47 @@ def summarize(runs: list[dict], args) -> None:
         f"device={args.device} model={args.model} seq={args.seq_len} micro_batch={args.micro_batch} steps={args.steps} "
         f"rank={args.rank} optimizer={args.optimizer} repeats={args.repeats} loss_chunk={args.loss_chunk} offload={args.offload}"
     )
-    print(f"{'metric':<24}{'qlora-lite':>14}{'baseline':>14}{'ratio':>10}")
+    compiled = [f"{'compiled':>14}"] if args.compile else []
+    vs_eager = [f"{'compiled/eager':>16}"] if args.compile else []
+    print(f"{'metric':<24}{'qlora-lite':>14}{''.join(compiled)}{'baseline':>14}{'ratio':>10}{''.join(vs_eager)}")
+
+    def row(label, values, fmt):
+        eager, base = values["qlora"], values["baseline"]
+        line = f"{label:<24}{eager:>14{fmt}}"
+        if args.compile:
+            line += f"{values[COMPILED]:>14{fmt}}"
+        line += f"{base:>14{fmt}}{eager / base:>10{fmt}}"
+        if args.compile:
+            line += f"{values[COMPILED] / eager:>16{fmt}}"
+        print(line)
+
     for key, label, scale in keys:
-        a, b = med("qlora", key), med("baseline", key)
-        print(f"{label:<24}{a / scale:>14.3f}{b / scale:>14.3f}{a / b:>10.3f}")
+        row(label, {side: med(side, key) / scale for side in sides}, ".3f")
     for step_index, label in ((0, "loss after step 1"), (-1, f"loss after step {args.steps}")):
-        a = statistics.median(r["losses"][step_index] for r in by_side["qlora"])
-        b = statistics.median(r["losses"][step_index] for r in by_side["baseline"])
-        print(f"{label:<24}{a:>14.4f}{b:>14.4f}{a / b:>10.4f}")
-    first_rel = (
-        abs(by_side["qlora"][0]["losses"][0] - by_side["baseline"][0]["losses"][0])
-        / by_side["baseline"][0]["losses"][0]
+        row(label, {side: statistics.median(r["losses"][step_index] for r in by_side[side]) for side in sides}, ".4f")
+    first = {side: by_side[side][0]["losses"][0] for side in sides}
+    print(f"first-step loss relative difference: {abs(first['qlora'] - first['baseline']) / first['baseline']:.2e}")
+    if not args.compile:
+        return
+    print(
+        f"first-step loss relative difference, compiled vs eager: {abs(first[COMPILED] - first['qlora']) / first['qlora']:.2e}"
     )
-    print(f"first-step loss relative difference: {first_rel:.2e}")
+    same = all(a["losses"] == b["losses"] for a, b in zip(by_side["qlora"], by_side[COMPILED]))
+    print(f"compiled losses equal the eager ones, every step: {same}")
+    first_eager, first_compiled = med("qlora", "first_step_s"), med(COMPILED, "first_step_s")
+    compile_s = first_compiled - first_eager
+    print(
+        f"first step s: eager {first_eager:.2f}, compiled {first_compiled:.2f}; compile time ~{compile_s:.1f} s (cold inductor cache)"
+    )
+    saved = med("qlora", "step_s") - med(COMPILED, "step_s")
+    if saved > 0:
+        print(
+            f"steady step s: eager {med('qlora', 'step_s'):.3f}, compiled {med(COMPILED, 'step_s'):.3f}; the compile pays after ~{compile_s / saved:.0f} steps"
+        )
+    else:
+        print(
+            f"steady step s: eager {med('qlora', 'step_s'):.3f}, compiled {med(COMPILED, 'step_s'):.3f}; compiled is not faster here, so it never pays"
+        )
 
 
 def main() -> None:
@@ -283,6 +327,9 @@ def main() -> None:
         "--loss-chunk", type=int, default=128, help="qlora-lite's train.loss_chunk_tokens (0: full logits)"
     )
     parser.add_argument("--offload", action="store_true", help="qlora-lite's train.offload_activations")
+    parser.add_argument(
+        "--compile", action="store_true", help="also run qlora-lite with train.compile, against eager in the same run"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -296,10 +343,10 @@ def main() -> None:
         model_dir = make_model(Path(tmp), args.model, args.seq_len)
         runs = []
         for _ in range(args.repeats):
-            for side in ("qlora", "baseline"):
+            for side in ("qlora", COMPILED, "baseline") if args.compile else ("qlora", "baseline"):
                 runs.append(run_side(side, model_dir, args))
                 print(
-                    f"  {side:<9} {runs[-1]['tokens_per_s']:.1f} tokens/s, losses {runs[-1]['losses'][0]:.4f} -> {runs[-1]['losses'][-1]:.4f}",
+                    f"  {side:<14} {runs[-1]['tokens_per_s']:.1f} tokens/s, losses {runs[-1]['losses'][0]:.4f} -> {runs[-1]['losses'][-1]:.4f}",
                     file=sys.stderr,
                 )
     summarize(runs, args)

@@ -297,6 +297,21 @@ class TrainConfig:
                 "lora.use_dora does not run under train.fsdp yet (its magnitudes start from the whole base weights); "
                 "turn one of them off"
             )
+        t = self.train
+        clash = [
+            k
+            for k, on in (
+                ("train.tiled_mlp", t.tiled_mlp),
+                ("train.offload_activations", t.offload_activations),
+                ("train.fsdp", t.fsdp),
+            )
+            if on is True
+        ]
+        if t.compile is True and clash:
+            found.append(
+                f"train.compile cannot be combined with {' or '.join(clash)} yet (each stops torch.compile from "
+                "compiling the layers); turn one of them off"
+            )
         if self.train.fsdp is True and self.train.tiled_mlp is True:
             found.append("train.tiled_mlp does not run under train.fsdp yet; turn one of them off")
         whole = [k for k in ("lora.modules_to_save", "data.add_special_tokens") if self.get(k)]

@@ -27,7 +27,7 @@ from ..io.atomic import atomic_dir, remove_stale_temps, write_text_atomic
 from ..io.lock import DirectoryLock
 from .gguf_metadata import Family, family_of, refuse, write_hyperparameters
 from .hf_dir import tokenizer_files_source
-from .merge import CHUNK_ELEMENTS, _copied_tensor, _grown_tensor, _merged_tensor, _saved_tensor
+from .merge import CHUNK_ELEMENTS, produce_tensor
 from .plan import ExportPlan, _check_out_dir, _Item, plan_export
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
@@ -138,17 +138,6 @@ def permute_for_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     interleaved one (weights [rows, cols] or biases [rows])."""
     rows = weight.shape[0]
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _produce(item: _Item, plan: ExportPlan, device: torch.device) -> torch.Tensor:
-    """The merged export's tensor for `item`, from the same code `hf_dir` writes with."""
-    if item.saved_key is not None:
-        return _saved_tensor(item, plan)
-    if item.grow_to:
-        return _grown_tensor(item, plan)
-    if item.lora is not None or item.dequantize:
-        return _merged_tensor(item, plan, device)
-    return _copied_tensor(item)
 
 
 def _encode(gguf, values: torch.Tensor, qtype) -> np.ndarray:
@@ -305,7 +294,7 @@ def _write(gguf, writer, path: Path, tensors: list[_Tensor], plan: ExportPlan, d
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            values = t.values if t.item is None else _produce(t.item, plan, device)
+            values = t.values if t.item is None else produce_tensor(t.item, plan, device)
             if t.heads:
                 values = permute_for_rope(values, t.heads)
             if t.offset:

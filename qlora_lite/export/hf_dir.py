@@ -19,7 +19,7 @@ from ..io.atomic import atomic_dir, atomic_file, remove_stale_temps, write_json_
 from ..io.faults import fault_point
 from ..io.lock import DirectoryLock
 from ..io.safetensors_writer import write_safetensors_streaming
-from .merge import _copied_tensor, _grown_tensor, _merged_tensor, _saved_tensor
+from .merge import produce_tensor
 from .plan import DEFAULT_MAX_SHARD_SIZE, ExportPlan, ExportResult, _check_out_dir, _Item, plan_export
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -64,13 +64,7 @@ def _write_output(plan: ExportPlan, tmp: Path, device: torch.device) -> None:
         nonlocal written
         fault_point("in-export", written)  # `written` tensors are already in the output (crash tests)
         written += 1
-        if item.saved_key is not None:
-            return _saved_tensor(item, plan)
-        if item.grow_to:
-            return _grown_tensor(item, plan)
-        if item.lora is not None or item.dequantize:
-            return _merged_tensor(item, plan, device)
-        return _copied_tensor(item)
+        return produce_tensor(item, plan, device)
 
     names = plan.shard_names
     for name, items in zip(names, plan.shards):

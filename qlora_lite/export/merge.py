@@ -184,3 +184,15 @@ def _copied_tensor(item: _Item) -> torch.Tensor:
 
 
 __all__ = ["quantize_4bit_chunked", "CHUNK_ELEMENTS", "QUANT_CHUNK_ELEMENTS"]
+
+
+def produce_tensor(item: _Item, plan: ExportPlan, device: torch.device) -> torch.Tensor:
+    """The merged export's tensor for `item`: a modules_to_save or token-row tensor from the adapter, a grown
+    embedding, a merged (or dequantized) weight, or a copy of the base's tensor."""
+    if item.saved_key is not None:
+        return _saved_tensor(item, plan)
+    if item.grow_to:
+        return _grown_tensor(item, plan)
+    if item.lora is not None or item.dequantize:
+        return _merged_tensor(item, plan, device)
+    return _copied_tensor(item)

@@ -83,3 +83,21 @@ def resolve_targets(model: nn.Module, target_modules: TargetSpec = "all-linear")
                 f"target module {target!r} is not a linear layer of this model; available names: {', '.join(available)}."
             )
     return [n for n in layers if any(n == t or n.endswith("." + t) for t in names)]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated decoder layers (what FSDP shards one by one and torch.compile compiles): those whose class the model lists in `_no_split_modules` (what transformers'
+    own FSDP wrapping uses), else the children of `model.model.layers`; outermost matches only, in model order."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names and module is not model:
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    if not found:
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        found = list(layers) if isinstance(layers, nn.ModuleList) else []
+    return found

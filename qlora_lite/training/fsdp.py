@@ -32,6 +32,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..io.heap import malloc_trim
 from ..model import loader, quant
 from ..model.lora import adapter_state_dict, apply_lora, linear_dims, lora_layers
+from ..model.targets import decoder_layers
 from .distributed import World
 
 MESH_DIMS = ("replicate", "shard")
@@ -39,24 +40,6 @@ EIGHT_BIT = (
     "FSDP shards 4-bit bases only (bitsandbytes' 8-bit layers lose their quantization state when sharded); "
     "set quant.bits: 4, or train.fsdp: false to replicate the 8-bit base on every rank."
 )
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules sharded one by one: those whose class the model lists in `_no_split_modules` (what transformers'
-    own FSDP wrapping uses), else the children of `model.model.layers`; outermost matches only, in model order."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    found: list[nn.Module] = []
-    inside: set[int] = set()
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        if type(module).__name__ in names and module is not model:
-            found.append(module)
-            inside.update(id(m) for m in module.modules())
-    if not found:
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        found = list(layers) if isinstance(layers, nn.ModuleList) else []
-    return found
 
 
 def _check_shardable(model: nn.Module) -> None:

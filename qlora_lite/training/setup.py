@@ -22,6 +22,7 @@ from ..model import loader
 from ..model.embeddings import add_special_tokens, apply_trainable_tokens, resize_embeddings
 from ..model.lora import apply_lora, apply_modules_to_save
 from .checkpointing import enable_gradient_checkpointing
+from .compile import compile_decoder_layers
 from .distributed import SINGLE, World
 from .optim import AdapterOptimizer
 from .tiled_mlp import enable_tiled_mlp
@@ -173,6 +174,8 @@ def prepare_run(config: TrainConfig, device: torch.device, world: World = SINGLE
         enable_gradient_checkpointing(model, offload=s.offload_activations)
     if s.tiled_mlp:
         enable_tiled_mlp(model)
+    if s.compile:
+        compile_decoder_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
     return RunParts(tokenizer, train_ds, eval_ds, model, optimizer, notices)
