@@ -13,7 +13,7 @@ import yaml
 
 from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
-from qlora_lite.training import loop
+from qlora_lite.training import loop, run
 from qlora_lite.training.interrupt import Interrupted
 from qlora_lite.training.reporter import Reporter
 
@@ -102,7 +102,7 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tiny_model_dir, 
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a, **k: None if name == "wandb" else real_find_spec(name, *a, **k)
     )
-    monkeypatch.setattr(loop, "prepare_run", _never_load)
+    monkeypatch.setattr(run, "prepare_run", _never_load)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(_settings(tiny_model_dir("llama"), data, tmp_path / "run", ["csv", "wandb"])))
     assert main(["train", str(cfg)]) == 2

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
-from qlora_lite.training import loop, progress
+from qlora_lite.training import loop, progress, run
 from qlora_lite.training.reporter import Reporter
 
 
@@ -35,7 +35,7 @@ class StepClock:
 @pytest.fixture
 def step_clock(monkeypatch) -> StepClock:
     clock = StepClock()
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     return clock
 
 

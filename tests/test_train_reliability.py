@@ -26,7 +26,7 @@ from qlora_lite.errors import ConfigError, DataError, TrainingError
 from qlora_lite.io.atomic import file_sha256
 from qlora_lite.io.faults import ENOSPC_ENV, KILL_ENV
 from qlora_lite.io.safetensors import SafetensorsFile
-from qlora_lite.training import loop, step
+from qlora_lite.training import loop, run, step
 from qlora_lite.training.checkpoint import checkpoint_dirs, schedule_notices
 from qlora_lite.training.interrupt import Interrupted
 from qlora_lite.training.loop import train
@@ -162,7 +162,7 @@ def test_micro_batches_are_built_one_at_a_time_and_a_step_beyond_the_data_is_sai
 ):
     data = _data(tmp_path / "two.jsonl", RECORDS[:2])
     events: list[str] = []
-    real_collate, real_forward = loop.collate, step.forward_loss_sum
+    real_collate, real_forward = run.collate, step.forward_loss_sum
 
     def collate_logged(*args, **kwargs):
         events.append("collate")
@@ -172,7 +172,7 @@ def test_micro_batches_are_built_one_at_a_time_and_a_step_beyond_the_data_is_sai
         events.append("forward")
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "collate", collate_logged)
+    monkeypatch.setattr(run, "collate", collate_logged)
     monkeypatch.setattr(step, "forward_loss_sum", forward_logged)
     settings = _settings(str(tiny_model_dir("llama")), str(data), str(tmp_path / "run"), max_steps=1)
     settings["train"].update(micro_batch_size=1, grad_accum=6)
@@ -294,14 +294,14 @@ def test_sigterm_and_ctrl_c_say_what_was_saved_and_resume_ends_like_an_uninterru
 
     # Ctrl-C (SIGINT), in-process this time: the same sentence, exit 130, and the handlers come back afterwards
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    real_fault_point = loop.fault_point
+    real_fault_point = run.fault_point
 
     def ctrl_c_after(point: str, count: int) -> None:
         real_fault_point(point, count)
         if point == "after-checkpoint" and count == saved + 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(loop, "fault_point", ctrl_c_after)
+    monkeypatch.setattr(run, "fault_point", ctrl_c_after)
     capsys.readouterr()
     assert main(["train", str(cfg), "--resume"]) == 130
     err = capsys.readouterr().err
@@ -310,7 +310,7 @@ def test_sigterm_and_ctrl_c_say_what_was_saved_and_resume_ends_like_an_uninterru
         "run the same command with --resume to continue."
     )
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
-    monkeypatch.setattr(loop, "fault_point", real_fault_point)
+    monkeypatch.setattr(run, "fault_point", real_fault_point)
 
     assert main(["train", str(cfg), "--resume"]) == 0
     assert f"resuming from step {saved + 2}" in capsys.readouterr().out
@@ -322,14 +322,14 @@ def test_ctrl_c_in_the_python_api_is_a_keyboard_interrupt_that_names_the_checkpo
     tiny_model_dir, tmp_path, monkeypatch
 ):
     data, out = _data(tmp_path / "train.jsonl"), tmp_path / "run"
-    real_fault_point = loop.fault_point
+    real_fault_point = run.fault_point
 
     def ctrl_c_at_2(point: str, count: int) -> None:
         real_fault_point(point, count)
         if point == "after-checkpoint" and count == 2:
             raise KeyboardInterrupt  # what Python raises on Ctrl-C when no handler of ours is installed
 
-    monkeypatch.setattr(loop, "fault_point", ctrl_c_at_2)
+    monkeypatch.setattr(run, "fault_point", ctrl_c_at_2)
     with pytest.raises(KeyboardInterrupt) as info:
         train(config_from_dict(_settings(str(tiny_model_dir("llama")), str(data), str(out))))
     assert isinstance(info.value, Interrupted) and not isinstance(

@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 from qlora_lite.model.lora import adapter_state_dict
 from qlora_lite.training import loop
+from qlora_lite.training.run import Run
 
 held: dict = {}
-run = loop._Run.run
+run = Run.run
 
 
 def keep_adapter(self, *args, **kwargs):
@@ -31,6 +32,6 @@ def keep_adapter(self, *args, **kwargs):
     return result
 
 
-loop._Run.run = keep_adapter
+Run.run = keep_adapter
 result = loop.train(sys.argv[1], resume="--resume" in sys.argv, progress=False)
 save_file(held["adapter"], str(Path(result.output_dir) / f"rank{os.environ.get('RANK', '0')}.safetensors"))
