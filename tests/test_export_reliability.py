@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qlora_lite.export.hf_dir as hf_dir
+import qlora_lite.export.merge as merge
 from qlora_lite import apply_lora, load_adapter, load_quantized, save_adapter
 from qlora_lite.cli import main
 from qlora_lite.config.load import config_from_dict
@@ -145,14 +146,14 @@ def test_verify_still_fails_a_wrong_merge(adapters, tmp_path, capsys, monkeypatc
     assert verify_merged(out, base, doubled).max_rel > VERIFY_TOLERANCE
 
     # a merge that adds the adapter twice: the CLI's verify catches it and exits 1
-    real_merged_tensor = hf_dir._merged_tensor
+    real_merged_tensor = merge._merged_tensor
 
     def merged_twice(item, plan, device):
         if item.lora is not None:
             item = dataclasses.replace(item, lora=dataclasses.replace(item.lora, scaling=2 * item.lora.scaling))
         return real_merged_tensor(item, plan, device)
 
-    monkeypatch.setattr(hf_dir, "_merged_tensor", merged_twice)
+    monkeypatch.setattr(merge, "_merged_tensor", merged_twice)
     capsys.readouterr()
     assert main(export_argv(base, dropout, tmp_path / "wrong", "--verify")) == 1
     assert "verify failed" in capsys.readouterr().err

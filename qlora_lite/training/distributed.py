@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -109,6 +111,10 @@ class CollectiveError(TrainingError):
 
 
 def _lost(world: World, what: str, exc: BaseException) -> CollectiveError:
+    # This rank now stops with its own message; torchrun's SIGTERM for the same failure (it stops every rank of a
+    # node when one dies) must not replace that message with a bare interruption while it unwinds.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
     return CollectiveError(
         f"rank {world.rank} of {world.size} lost the other ranks during {what} ({first}): another rank stopped "
