@@ -26,7 +26,7 @@ from qlora_lite.errors import ConfigError, DataError, TrainingError
 from qlora_lite.io.atomic import file_sha256
 from qlora_lite.io.faults import ENOSPC_ENV, KILL_ENV
 from qlora_lite.io.safetensors import SafetensorsFile
-from qlora_lite.training import loop, run, step
+from qlora_lite.training import run, step
 from qlora_lite.training.checkpoint import checkpoint_dirs, schedule_notices
 from qlora_lite.training.interrupt import Interrupted
 from qlora_lite.training.loop import train
