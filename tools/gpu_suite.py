@@ -109,19 +109,19 @@ PEAK_BF16_TFLOPS = [
     ("A10", 125.0, "A10 (datasheet: 125 TFLOP/s bf16 dense)"),
 ]
 
+
+def _bench_shapes() -> dict:
+    """tools/bench.py's model shapes (the suite measures the same models the bench does)."""
+    spec = importlib.util.spec_from_file_location("gpu_suite_bench_shapes", TOOLS / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MODELS
+
+
 # Model shapes (Llama, random bf16 weights, the byte tokenizer of qlora_lite.model.tiny), by (kind, smoke).
 # "big" at full size is tools/bench.py's llama-1b-128k (Llama-3.2-1B's shape, untied lm_head), written once.
-SMALL_SPEC = dict(
-    hidden_size=512, layers=4, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000
-)
-BIG_SPEC = dict(
-    hidden_size=2048,
-    layers=16,
-    intermediate_size=8192,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
+BENCH_SHAPES = _bench_shapes()
+SMALL_SPEC, BIG_SPEC = BENCH_SHAPES["llama-small"], BENCH_SHAPES["llama-1b-128k"]
 TINY_SPEC = dict(
     hidden_size=64, layers=2, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, vocab_size=320
 )
