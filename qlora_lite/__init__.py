@@ -21,7 +21,7 @@ _LAZY = {
     "trainable_summary": "model.lora",
     "count_parameters": "model.lora",
     "save_adapter": "export.adapter",
-    "load_adapter": "export.adapter",
+    "load_adapter": "export.adapter_load",
     "export_merged": "export.hf_dir",
     "estimate_memory": "memory.report",
     "MemoryReport": "memory.report",

@@ -160,7 +160,7 @@ def _run(
     export: bool,
 ) -> DemoResult:
     """`run_demo`'s stages: install the base, write the data, measure, train, measure, merge, write demo.json."""
-    from ..export.adapter import load_adapter
+    from ..export.adapter_load import load_adapter
     from ..model.loader import load_quantized
 
     started = time.perf_counter()

@@ -98,7 +98,7 @@ def reference_logits(
     compute_dtype: str = "float32",
 ) -> torch.Tensor:
     """Logits (as fp32) of the quantized base + adapter, quantized as recorded in the adapter, in eval mode."""
-    from .adapter import load_base_with_adapter
+    from .adapter_load import load_base_with_adapter
 
     model, _ = load_base_with_adapter(base_path, adapter_dir, device)
     if compute_dtype == "float32":

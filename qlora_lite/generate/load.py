@@ -49,7 +49,7 @@ def load_for_generation(
     model_dir = check_model_dir(model, revision)
     device = torch.device(device) if device is not None else default_device()
     if adapter is not None:
-        from ..export.adapter import load_base_with_adapter
+        from ..export.adapter_load import load_base_with_adapter
 
         adapter_dir = Path(adapter)
         net, settings = load_base_with_adapter(model_dir, adapter_dir, device, trust_remote_code)
