@@ -13,9 +13,10 @@ from qlora_lite.cli import main
 from qlora_lite.errors import ConfigError
 from qlora_lite.memory.advice import parse_budget
 from qlora_lite.memory.constants import GiB
+from qlora_lite.memory.gpu_plan import fit_on, gpus_needed
 from qlora_lite.memory.inventory import build_inventory
 from qlora_lite.memory.persistent import optimizer_state_bytes
-from qlora_lite.memory.ranks import fit_on, gpus_needed, rank_report
+from qlora_lite.memory.ranks import rank_report
 from qlora_lite.memory.report import report_for
 from qlora_lite.memory.settings import make_settings
 from qlora_lite.model.quant import weight_bytes_4bit

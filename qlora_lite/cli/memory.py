@@ -140,8 +140,9 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     from rich.table import Table
 
     from ..memory.advice import advise, gib, parse_budget
+    from ..memory.gpu_plan import gpus_needed
     from ..memory.inventory import build_inventory, preset_names
-    from ..memory.ranks import gpus_needed, rank_report
+    from ..memory.ranks import rank_report
     from ..memory.report import COMPONENT_LABELS, describe_components, report_for
     from ..memory.settings import settings_from_config
 
