@@ -18,14 +18,9 @@ from types import SimpleNamespace
 import pytest
 
 from qlora_lite.cli import doctor as doctor_cli
-from qlora_lite.doctor.checks import (
-    CHECKS,
-    KERNEL_TOLERANCE,
-    MINIMUM_VERSIONS,
-    Probes,
-    nf4_kernel_check,
-    run_doctor,
-)
+from qlora_lite.doctor.checks import MINIMUM_VERSIONS
+from qlora_lite.doctor.probes import KERNEL_TOLERANCE, Probes, nf4_kernel_check
+from qlora_lite.doctor.report import CHECKS, run_doctor
 
 GiB = 1 << 30
 SMI = """+-----------------------------------------------------------------------------------------+

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, extra: dict[str, Any], probes: Any = None) -> 
     """Run the checks and print them; the exit code is the report's (`probes` replaces the machine in tests)."""
     from rich.text import Text
 
-    from ..doctor.checks import run_doctor
+    from ..doctor.report import run_doctor
 
     report = run_doctor(probes)
     if args.json:
