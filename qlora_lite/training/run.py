@@ -53,7 +53,7 @@ from .distributed import (
 from .interrupt import Interrupted, signal_of
 from .metrics import MetricsLog
 from .reporter import Reporter, Reporters, TrainResult
-from .schedule import lr_at, run_steps, warmup_notice
+from .schedule import data_notices, lr_at, run_steps, warmup_notice, world_notices
 from .setup import prepare_run
 from .step import NonFiniteStepError, evaluate, train_step
 from .trackers import make_trackers
@@ -117,7 +117,10 @@ class Run:
             notices += schedule_notices(self.resume_state, s, start_from, self.steps, per_epoch)
         # Each example's loss-carrying tokens, as collate + target_count would count them: labels after the first.
         self.example_targets = [sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in self.train_ds.examples]
-        notices += parts.notices + self._data_notices() + warmup_notice(s, self.steps) + self._world_notices()
+        notices += (
+            parts.notices + data_notices(s, len(self.train_ds), per_epoch, world.size) + warmup_notice(s, self.steps)
+        )
+        notices += world_notices(s, world.size, world.nodes)
         if start_from is not None:
             notices += self._restore(start_from)
         if world.is_main:
@@ -215,46 +218,6 @@ class Run:
                 "on use the new setting"
             )
         return notices
-
-    def _world_notices(self) -> list[str]:
-        """What a torchrun launch does, said at the start: the ranks and the global batch."""
-        w, s = self.world, self.s
-        if not w.distributed:
-            return []
-        nodes = f" on {w.nodes} nodes" if w.nodes > 1 else ""
-        mode = "data parallel"
-        if s.fsdp:
-            mode = "base and adapters sharded over the GPUs of each node (FSDP2" + (
-                ", replicated across nodes)" if w.nodes > 1 else ")"
-            )
-        return [
-            f"{w.size} ranks{nodes}, {mode}: each optimizer step takes train.micro_batch_size {s.micro_batch_size}"
-            f" x train.grad_accum {s.grad_accum} x {w.size} ranks = {s.micro_batch_size * s.grad_accum * w.size} "
-            "sequences, its loss averaged over the loss-carrying tokens of all ranks; rank 0 writes the run directory"
-        ]
-
-    def _data_notices(self) -> list[str]:
-        """A step that asks for more than the data holds is said (not refused): it repeats sequences within a step."""
-        s, n, per_epoch = self.s, len(self.train_ds), self.order.batches_per_epoch
-        per_step = s.grad_accum * self.world.size
-        if per_step > per_epoch:
-            step = (
-                f"a step of train.grad_accum = {s.grad_accum} micro-batches"
-                if self.world.size == 1
-                else f"a step of train.grad_accum = {s.grad_accum} micro-batches on each of {self.world.size} ranks"
-            )
-            return [
-                f"{step} is longer than one pass over the training "
-                f"data ({per_epoch} micro-batch{'es' if per_epoch > 1 else ''} of up to {s.micro_batch_size} of its "
-                f"{n} sequences), so each step goes over the data {per_step / per_epoch:.3g} times; set "
-                f"train.grad_accum to {max(1, per_epoch // self.world.size)} or less for at most one pass per step"
-            ]
-        if s.micro_batch_size > n:
-            return [
-                f"train.micro_batch_size is {s.micro_batch_size} but the training data holds {n} sequences, so each "
-                f"micro-batch is those {n} (set train.micro_batch_size to {n} or less to match)"
-            ]
-        return []
 
     def close(self) -> None:
         """Close the reporters this run made (trackers flush their files; the display stops), also after a failure."""

@@ -1,4 +1,5 @@
-"""The run's length and its learning-rate schedule: a pure function of the step, so a resumed run continues it
+"""The run's length, the notices about it (warmup, a step longer than the data, a launch's global batch) and its
+learning-rate schedule: a pure function of the step, so a resumed run continues it
 exactly."""
 
 from __future__ import annotations
@@ -54,3 +55,44 @@ def lr_at(step: int, s: TrainSettings, steps: int | None = None) -> float:
         return s.lr
     progress = (step - warmup - 1) / max(1, steps - warmup)
     return s.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def world_notices(s: TrainSettings, ranks: int, nodes: int) -> list[str]:
+    """What a torchrun launch of `ranks` ranks does, said at the start: how it splits the work and the global batch."""
+    if ranks <= 1:
+        return []
+    where = f" on {nodes} nodes" if nodes > 1 else ""
+    mode = "data parallel"
+    if s.fsdp:
+        mode = "base and adapters sharded over the GPUs of each node (FSDP2" + (
+            ", replicated across nodes)" if nodes > 1 else ")"
+        )
+    return [
+        f"{ranks} ranks{where}, {mode}: each optimizer step takes train.micro_batch_size {s.micro_batch_size}"
+        f" x train.grad_accum {s.grad_accum} x {ranks} ranks = {s.micro_batch_size * s.grad_accum * ranks} "
+        "sequences, its loss averaged over the loss-carrying tokens of all ranks; rank 0 writes the run directory"
+    ]
+
+
+def data_notices(s: TrainSettings, n: int, per_epoch: int, ranks: int = 1) -> list[str]:
+    """A step that asks for more than the `n` training sequences hold is said (not refused): it repeats sequences
+    within a step. `per_epoch` is the micro-batches of one pass; each of `ranks` ranks takes `grad_accum` a step."""
+    per_step = s.grad_accum * ranks
+    if per_step > per_epoch:
+        step = (
+            f"a step of train.grad_accum = {s.grad_accum} micro-batches"
+            if ranks == 1
+            else f"a step of train.grad_accum = {s.grad_accum} micro-batches on each of {ranks} ranks"
+        )
+        return [
+            f"{step} is longer than one pass over the training "
+            f"data ({per_epoch} micro-batch{'es' if per_epoch > 1 else ''} of up to {s.micro_batch_size} of its "
+            f"{n} sequences), so each step goes over the data {per_step / per_epoch:.3g} times; set "
+            f"train.grad_accum to {max(1, per_epoch // ranks)} or less for at most one pass per step"
+        ]
+    if s.micro_batch_size > n:
+        return [
+            f"train.micro_batch_size is {s.micro_batch_size} but the training data holds {n} sequences, so each "
+            f"micro-batch is those {n} (set train.micro_batch_size to {n} or less to match)"
+        ]
+    return []
