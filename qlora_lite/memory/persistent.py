@@ -73,15 +73,18 @@ def trainable_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) 
     return added_numels(inv, targets, s) + module_numels(inv, s.modules_to_save)
 
 
-def optimizer_state_bytes(numels: list[int], optimizer: str) -> tuple[int, int]:
-    """(bytes, of which paged) of `AdapterOptimizer`: fp32 masters + the inner optimizer's state tensors."""
-    masters = FP32 * sum(numels)  # fp32 master copy of each bf16 adapter tensor
-    if optimizer == "adamw":
-        return masters + sum(
-            2 * FP32 * n + FP32 for n in numels
-        ), 0  # torch AdamW: exp_avg, exp_avg_sq fp32 + fp32 step
+def optimizer_state_bytes(numels: list[int], optimizer: str, per_tensor: bool = False) -> tuple[int, int]:
+    """(bytes, of which paged) of `AdapterOptimizer`: fp32 masters + the inner optimizer's state tensors.
+
+    By default its flat layout: one fp32 master buffer of sum(numels) elements and the inner state of that one tensor.
+    `per_tensor`: one master and one inner state per tensor, as for FSDP's shards (`memory.ranks`).
+    """
+    masters = FP32 * sum(numels)  # fp32 master copy of each adapter tensor (flat: one buffer of them all)
+    tensors = list(numels) if per_tensor or not numels else [sum(numels)]
+    if optimizer == "adamw":  # torch AdamW: exp_avg, exp_avg_sq fp32 + an fp32 step per tensor
+        return masters + sum(2 * FP32 * n + FP32 for n in tensors), 0
     total, paged, any_8bit = masters, 0, False
-    for n in numels:
+    for n in tensors:
         if n < BNB_8BIT_MIN_SIZE:
             state = 2 * FP32 * n  # bitsandbytes keeps fp32 state1/state2 below min_8bit_size
         else:

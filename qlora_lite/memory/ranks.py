@@ -2,8 +2,8 @@
 model needs.
 
 Data parallel (`train.fsdp: false`, the default when WORLD_SIZE > 1): every rank holds the single-GPU report's
-whole footprint, plus the one flat fp32 buffer the adapters' master gradients are copied into for the
-all-reduce once per optimizer step (4 bytes per trainable parameter).
+whole footprint and nothing more: the adapters' fp32 master gradients are all-reduced once per optimizer step in
+place, in the optimizer's flat gradient buffer (the report's fp32 gradients).
 
 FSDP (`train.fsdp: true`; FSDP2 `fully_shard` on each decoder layer and on the root module), sharded over the
 GPUs of one node (across nodes the shards are replicated: HSDP):
@@ -44,7 +44,6 @@ RANK_COMPONENT_LABELS = {
     **COMPONENT_LABELS,
     "quantized_weights": "quantized base weights",
     "quantization_statistics": "4-bit statistics (replicated)",
-    "gradient_allreduce": "gradient all-reduce buffer",
     "fsdp_all_gather": "FSDP all-gather buffers",
     "fsdp_reduce_scatter": "FSDP reduce-scatter buffers",
     "fsdp_root_gathered": "gathered root parameters",
@@ -179,15 +178,11 @@ class RankReport:
 
 
 def _data_parallel(report: MemoryReport, s: RunSettings) -> RankReport:
-    components, phases = dict(report.components), dict(report.phases)
-    allreduce = FP32 * report.details["adapter_parameters"] if s.gpus > 1 else 0
     notes = []
-    if allreduce:
-        components["gradient_allreduce"] = allreduce
-        phases = {name: total + allreduce for name, total in phases.items()}
+    if s.gpus > 1:
         notes.append(
             "data parallel: every rank holds the whole model; the adapters' fp32 master gradients are all-reduced "
-            "through one flat fp32 buffer (counted for the whole step)"
+            "in place, in the optimizer's flat gradient buffer (no extra memory)"
         )
     if s.nodes > 1:
         notes.append(f"{s.nodes} nodes: each rank's memory does not depend on the number of nodes")
@@ -196,13 +191,13 @@ def _data_parallel(report: MemoryReport, s: RunSettings) -> RankReport:
         nodes=s.nodes,
         fsdp=False,
         shard=1,
-        components=components,
+        components=dict(report.components),
         other_phases=dict(report.other_phases),
         peak_phase=report.peak_phase,
-        phases=phases,
-        total=report.total + allreduce,
+        phases=dict(report.phases),
+        total=report.total,
         single_gpu_total=report.total,
-        details={"gradient_allreduce_bytes": allreduce, "trainable_parameters": report.details["adapter_parameters"]},
+        details={"trainable_parameters": report.details["adapter_parameters"]},
         notes=notes,
     )
 
@@ -218,7 +213,7 @@ def _fsdp(inv: Inventory, report: MemoryReport, s: RunSettings) -> RankReport:
     trainable = [shape for shape, _ in lay.added + lay.whole]
     shard_numels = [_rows(shape, n) for shape in trainable]
     fp32_grads = FP32 * sum(shard_numels)
-    optimizer, _ = optimizer_state_bytes(shard_numels, s.optimizer_in_use)
+    optimizer, _ = optimizer_state_bytes(shard_numels, s.optimizer_in_use, per_tensor=True)  # one master per shard
     # AdapterOptimizer keeps no fp32 copy of fp32 parameters: under FSDP the LoRA shards are their own masters
     optimizer -= FP32 * sum(_rows(shape, n) for shape, _ in lay.added)
     largest_layer, largest_trained, root = _layer_bytes(lay)
@@ -320,7 +315,6 @@ def rank_labels(rank: RankReport) -> dict[str, str]:
 def describe_rank_components(rank: RankReport, report: MemoryReport) -> dict[str, str]:
     """One line per per-rank component saying what is counted (for the command's table)."""
     how = describe_components(report)
-    how["gradient_allreduce"] = f"one flat fp32 buffer of all {rank.details['trainable_parameters']:,} trainable params"
     if not rank.fsdp:
         return how
     n, d, s = rank.shard, rank.details, report.settings

@@ -1,10 +1,18 @@
 """The adapter optimizer: fp32 master weights behind bf16 adapters, so no update is lost to bf16 rounding.
 
-A and B live in bf16 (what the forward multiplies by). The optimizer owns an fp32 master copy of each;
-every step copies the bf16 gradients into fp32, updates the masters with the inner optimizer
-(bitsandbytes 8-bit AdamW, its paged variant on CUDA, or torch AdamW) and rounds the masters back into
-the bf16 parameters. An update smaller than bf16's spacing therefore accumulates in the master instead
-of vanishing.
+A and B live in bf16 (what the forward multiplies by). The optimizer owns an fp32 master copy of each: one flat
+fp32 buffer of all trainable tensors, the masters being views into it. Gradients go the same way: after each
+micro-batch `accumulate_grads` adds the bf16 gradients into one flat fp32 gradient buffer (allocated at the first
+micro-batch of a step, dropped after the step; each master's `.grad` is its view), so a step clips by one norm,
+data parallel sums one buffer in place, and the inner optimizer (bitsandbytes 8-bit AdamW, its paged variant on
+CUDA, or torch AdamW) updates one parameter, the flat master, in one call; the masters are then rounded back into
+the bf16 parameters. An update smaller than bf16's spacing therefore accumulates in the master instead of vanishing.
+
+The flat layout's consequences: fp32 parameters get an fp32 master copy like the others; a tensor without a gradient
+in a step contributes zeros (AdamW still decays its moments); bitsandbytes quantizes the 8-bit state in 256-value
+blocks over the flat buffer (a block may span two tensors) and keeps it 8-bit for tensors below its min_8bit_size
+too. Parameters sharded by FSDP2 (DTensors) keep one master per local shard (an fp32 shard is its own), each its own
+inner parameter.
 """
 
 from __future__ import annotations
@@ -43,12 +51,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
-class AdapterOptimizer:
-    """AdamW over fp32 master copies of (usually bf16) trainable parameters.
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of `flat` shaped as the tensors of `like`."""
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in like]), like)]
 
-    `param_groups` is the inner optimizer's, so schedules set `group["lr"]` as usual. Parameters sharded by FSDP2
-    (DTensors) are updated through their local shards (bitsandbytes' 8-bit update has no DTensor rule), and the
-    gradient norm is summed over the shard group.
+
+class AdapterOptimizer:
+    """AdamW over fp32 master copies of (usually bf16) trainable parameters, held in one flat buffer.
+
+    `param_groups` is the inner optimizer's, so schedules set `group["lr"]` as usual. `masters` are per-tensor
+    views of the flat fp32 master `flat`. Parameters sharded by FSDP2 (DTensors) are updated through their local
+    shards, one master each (bitsandbytes' 8-bit update has no DTensor rule; `flat` is None), and the gradient norm
+    is summed over the shard group.
     """
 
     def __init__(
@@ -65,70 +79,106 @@ class AdapterOptimizer:
             raise ConfigError("there are no trainable parameters; apply LoRA before building the optimizer.")
         self.name = resolve_optimizer_name(name, self.params[0].device)
         self.sharded = any(type(p).__name__ == "DTensor" for p in self.params)
+        self.layout = "per-tensor" if self.sharded else "flat"
+        self.flat: torch.Tensor | None = None
+        self._grad: torch.Tensor | None = None  # the step's flat fp32 gradient; None until a micro-batch adds to it
+        self._grad_views: list[torch.Tensor] = []
         with torch.no_grad():
             self.locals = [_local(p) for p in self.params]
-        # fp32 parameters (or shards) are their own master; lower-precision ones get an fp32 copy.
-        self.masters = [
-            t if t.dtype == torch.float32 else t.detach().float().clone().requires_grad_(True) for t in self.locals
-        ]
-        self.inner = _inner_optimizer(self.name, self.masters, lr, weight_decay, betas, eps)
+            if self.sharded:  # an fp32 shard is its own master; a lower-precision one gets an fp32 copy
+                self.masters = [
+                    t if t.dtype == torch.float32 else t.detach().float().clone().requires_grad_(True)
+                    for t in self.locals
+                ]
+            else:
+                numel = sum(t.numel() for t in self.locals)
+                self.flat = torch.empty(numel, dtype=torch.float32, device=self.locals[0].device, requires_grad=True)
+                self.masters = _views(self.flat.detach(), self.locals)  # plain tensors, no autograd view of a leaf
+                torch._foreach_copy_(self.masters, [t.detach() for t in self.locals])
+        inner = self.masters if self.flat is None else [self.flat]
+        self.inner = _inner_optimizer(self.name, inner, lr, weight_decay, betas, eps)
 
     @property
     def param_groups(self) -> list[dict]:
+        """The inner optimizer's parameter groups (one group: `lr`, `betas`, `eps`, `weight_decay`)."""
         return self.inner.param_groups
 
     def zero_grad(self) -> None:
-        """Drop the gradients of the parameters and of their masters."""
-        for p, m in zip(self.params, self.masters):
+        """Drop the gradients of the parameters and of their masters (the flat gradient buffer is freed)."""
+        for p in self.params:
             p.grad = None
-            m.grad = None
+        if self.flat is None:
+            for m in self.masters:
+                m.grad = None
+            return
+        if self._grad is not None:
+            for m in self.masters:  # the views keep the buffer alive
+                m.grad = None
+            self._grad, self._grad_views = None, []
+        self.flat.grad = None
+
+    def _flat_grad(self) -> torch.Tensor:
+        """The step's flat fp32 gradient, allocated as zeros at its first use (a tensor never given a gradient in
+        the step contributes zeros) and shown as each master's `.grad`."""
+        if self._grad is None:
+            self._grad = torch.zeros_like(self.flat)
+            self._grad_views = _views(self._grad, self.masters)
+            for m, g in zip(self.masters, self._grad_views):
+                m.grad = g
+        return self._grad
 
     @torch.no_grad()
     def accumulate_grads(self) -> None:
-        """Add the parameters' gradients into fp32 gradients on the masters and clear them.
+        """Add the parameters' gradients into the fp32 gradients of the masters and clear them.
 
         Called after each micro-batch's backward, so gradient accumulation sums in fp32, not in bf16.
         """
-        for p, m in zip(self.params, self.masters):
-            if m is not p and p.grad is not None:
-                g = _local(p.grad).float()
-                m.grad = g if m.grad is None else m.grad.add_(g)
-                p.grad = None
+        if self.flat is None:
+            for p, m in zip(self.params, self.masters):
+                if m is not p and p.grad is not None:
+                    g = _local(p.grad).float()
+                    m.grad = g if m.grad is None else m.grad.add_(g)
+                    p.grad = None
+            return
+        grads = [p.grad for p in self.params]
+        if all(g is None for g in grads):
+            return
+        self._flat_grad()
+        pairs = [(v, g) for v, g in zip(self._grad_views, grads) if g is not None]
+        torch._foreach_add_([v for v, _ in pairs], [g for _, g in pairs])  # fp32 += bf16, computed in fp32
+        for p in self.params:
+            p.grad = None
 
     @torch.no_grad()
     def sum_grads(self, all_reduce: Callable[[torch.Tensor], None], *scalars: float) -> list[float]:
-        """Sum the fp32 master gradients, and `scalars`, over the ranks in one `all_reduce` of one flat fp32 buffer
-        (a master without a gradient contributes zeros); return the summed scalars.
+        """Sum the fp32 master gradients over the ranks with `all_reduce`, in place in the flat gradient buffer (a
+        master without a gradient contributes zeros), then `scalars` in a second small `all_reduce`; return the
+        summed scalars.
 
         Once per optimizer step, before clipping: fp32 adapter bytes move once, not bf16 bytes every micro-batch.
         Sharded (FSDP2) gradients were already summed by its reduce-scatter: only `scalars` are.
         """
         self.accumulate_grads()
-        if self.sharded:
-            flat = torch.tensor(scalars, dtype=torch.float32, device=self.masters[0].device)
-            all_reduce(flat)
-            return flat.tolist()
         device = self.masters[0].device
-        parts = [m.grad.reshape(-1) if m.grad is not None else m.new_zeros(m.numel()) for m in self.masters]
-        flat = torch.cat([*parts, torch.tensor(scalars, dtype=torch.float32, device=device)])
-        del parts
-        for m in self.masters:
-            m.grad = None
-        all_reduce(flat)
-        offset = 0
-        for m in self.masters:
-            m.grad = flat[offset : offset + m.numel()].view_as(m)
-            offset += m.numel()
-        return flat[offset:].tolist()
+        if self.flat is not None:
+            all_reduce(self._flat_grad())  # every rank joins with the same buffer, zeros where it had no gradient
+        summed = torch.tensor(scalars, dtype=torch.float32, device=device)
+        if self.flat is None or scalars:
+            all_reduce(summed)
+        return summed.tolist()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Total fp32 gradient norm of the masters; scales the gradients to `max_norm` if above it (0: no clip)."""
         self.accumulate_grads()
-        grads = [m.grad for m in self.masters if m.grad is not None]
+        if self.flat is not None:
+            grads = [] if self._grad is None else [self._grad]
+        else:
+            grads = [m.grad for m in self.masters if m.grad is not None]
         if not grads:
             return 0.0
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         if self.sharded:  # the shards of the group hold the whole gradient once between them
             import torch.distributed as dist
 
@@ -144,39 +194,63 @@ class AdapterOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Move gradients to the fp32 masters, update them, and round them back into the parameters."""
+        """Move gradients to the fp32 masters, update them, round them back into the parameters, drop the gradients."""
         self.accumulate_grads()
+        if self.flat is not None:
+            self.flat.grad = self._grad  # None (no gradient in this step): the inner optimizer skips it
         self.inner.step()
+        self._copy_back()
+        self.zero_grad()
+
+    def _copy_back(self) -> None:
+        if self.flat is not None:
+            torch._foreach_copy_(self.locals, self.masters)  # one call rounding every master into its parameter
+            return
         for t, m in zip(self.locals, self.masters):
             if m is not t:
                 t.copy_(m)
-            m.grad = None
 
     def state_dict(self) -> dict:
-        """Inner optimizer state plus the fp32 masters (needed for an exact resume)."""
+        """Inner optimizer state, its layout ("flat", or "per-tensor" when sharded) and the fp32 masters, one per
+        tensor (needed for an exact resume)."""
         return {
             "name": self.name,
+            "layout": self.layout,
             "inner": self.inner.state_dict(),
             "masters": [m.detach().clone() for m in self.masters],
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned; the parameters are set from the masters."""
-        if state.get("name") != self.name or len(state["masters"]) != len(self.masters):
+        """Restore what `state_dict` returned; the parameters are set from the masters.
+
+        Raises `ConfigError` for a state of another optimizer or number of tensors, or of another layout (a checkpoint
+        written before the flat layout holds one inner state per tensor).
+        """
+        saved = state["masters"]
+        if state.get("name") != self.name or len(saved) != len(self.masters):
             raise ConfigError(
-                f"the checkpoint's optimizer ({state.get('name')}, {len(state['masters'])} tensors) does not match this run "
+                f"the checkpoint's optimizer ({state.get('name')}, {len(saved)} tensors) does not match this run "
                 f"({self.name}, {len(self.masters)} tensors); resume with the same optimizer and LoRA settings."
             )
-        for t, m, saved in zip(self.locals, self.masters, state["masters"]):
-            m.copy_(saved.to(m.device))
-            if m is not t:
-                t.copy_(m)
+        layout = state.get("layout", "per-tensor")  # written before the flat layout: no key, one state per tensor
+        if layout != self.layout:
+            why = " (written before qlora-lite kept it in one flat buffer)" if layout == "per-tensor" else ""
+            raise ConfigError(
+                f"the checkpoint's optimizer state is laid out {layout}{why} but this run's is {self.layout}; resume it "
+                "with the qlora-lite version and train.fsdp setting that wrote it, or start the run again."
+            )
+        for m, t in zip(self.masters, saved):
+            m.copy_(t.to(m.device))
+        self._copy_back()
         self.inner.load_state_dict(state["inner"])
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """Every tensor the optimizer holds: masters that are copies, and the inner state."""
-        tensors = [m for m, t in zip(self.masters, self.locals) if m is not t]
+        """Every tensor the optimizer holds: the flat master (or the masters that are copies), and the inner state."""
+        if self.flat is not None:
+            tensors = [self.flat]
+        else:
+            tensors = [m for m, t in zip(self.masters, self.locals) if m is not t]
         for per_param in self.inner.state.values():
             tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
         return tensors
