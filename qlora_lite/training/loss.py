@@ -48,32 +48,37 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = labels[rows]
             valid = target != IGNORE_INDEX
             h = hidden[rows]
-            logits = (h @ weight.t()).float()  # the one [chunk, vocab] fp32 buffer; reused for the softmax below
+            logits = (h @ weight.t()).float()  # the one [chunk, vocab] fp32 buffer: logits, then their gradient
             if bias is not None:
                 logits += bias.float()
             capped_tanh = None
             if softcap:
-                capped_tanh = torch.tanh(logits / softcap)
-                logits = capped_tanh * softcap
+                capped_tanh = torch.tanh(logits.div_(softcap))
+                logits = torch.mul(capped_tanh, softcap, out=logits)
             safe_target = target.masked_fill(~valid, 0)
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+            # log-sum-exp and softmax from one exp pass, in place: e = exp(logits - max), lse = max + log(sum e)
+            peak = logits.amax(dim=1, keepdim=True)
+            exps = logits.sub_(peak).exp_()
+            sums = exps.sum(dim=1)
+            lse = peak.squeeze(1) + sums.log()
             total += ((lse - picked) * valid).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
-            # d(loss)/d(logits) = softmax - one_hot, zero on ignored rows, divided by the normaliser (in place)
-            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), safe_target] -= 1.0
-            grad_logits *= (valid.float() / normalizer).unsqueeze(1)
+            # d(loss)/d(logits) = softmax - one_hot, zero on ignored rows, divided by the normaliser: e * (w / sum e)
+            # then - w at the targets, w = valid / normaliser
+            row_weight = valid.float() / normalizer
+            grad_logits = exps.mul_((row_weight / sums).unsqueeze(1))
+            grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), safe_target] -= row_weight
             if capped_tanh is not None:
-                grad_logits *= 1.0 - capped_tanh.square_()
+                grad_logits *= capped_tanh.square_().neg_().add_(1.0)
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ h.float()
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-            del logits, grad_logits
+            del logits, exps, grad_logits, capped_tanh
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         return total / normalizer
