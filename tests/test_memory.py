@@ -18,6 +18,7 @@ from qlora_lite.memory.report import estimate_memory
 from qlora_lite.model.loader import load_quantized
 from qlora_lite.model.lora import apply_lora
 from qlora_lite.model.quant import is_quantized_linear, module_weight_bytes, weight_bytes_4bit
+from qlora_lite.training.checkpointing import enable_gradient_checkpointing
 from qlora_lite.training.loss import causal_lm_loss
 from qlora_lite.training.optim import AdapterOptimizer
 
@@ -68,7 +69,7 @@ def test_weight_components_equal_the_loaded_tensors(tiny_model_dir, arch, bits, 
 @pytest.mark.parametrize("big", [False, True], ids=["small-adapters", "8bit-state-adapters"])
 def test_adapter_gradient_and_optimizer_components_equal_the_real_tensors(tiny_model_dir, optimizer, big):
     model_dir = tiny_model_dir("llama", **(BIG if big else {}))
-    rank = 16 if big else 4
+    rank = 16 if big else 1  # r = 1: 2,432 adapter values in all, below bitsandbytes' 8-bit state threshold
     model = load(model_dir)
     apply_lora(model, r=rank, seed=0)
     model.train()
@@ -102,12 +103,12 @@ def test_paged_state_is_reported_for_large_adapters_on_cuda_only():
 # --------------------------------------------------------------------------- activations (CPU)
 
 
-def stored_after_forward(model_dir, bits, checkpointing, batch_size=2, seq_len=16):
+def stored_after_forward(model_dir, bits, checkpointing, batch_size=2, seq_len=16, every=1):
     model = load(model_dir, bits)
     apply_lora(model, r=4, seed=0)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, every=every)
     ids = batch(model, batch_size, seq_len)
     with AllocationTracker() as tracker:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -117,21 +118,24 @@ def stored_after_forward(model_dir, bits, checkpointing, batch_size=2, seq_len=1
 
 
 @pytest.mark.parametrize(
-    "arch,bits,checkpointing",
+    "arch,bits,checkpointing,every",
     [
-        ("llama", 4, False),
-        ("llama", 4, True),
-        ("llama", 8, True),
-        ("qwen2", 8, False),
-        ("phi3", 4, False),
-        ("gemma2", 4, False),
-        ("gemma2", 8, True),
+        ("llama", 4, False, 1),
+        ("llama", 4, True, 1),
+        ("llama", 8, True, 1),
+        ("qwen2", 8, False, 1),
+        ("phi3", 4, False, 1),
+        ("gemma2", 4, False, 1),
+        ("gemma2", 8, True, 1),
+        ("llama", 4, True, 2),  # selective recompute: layers 0, 2, ... checkpointed, the others keep everything
+        ("qwen2", 8, True, 2),
     ],
 )
-def test_stored_activations_equal_what_autograd_keeps(tiny_model_dir, arch, bits, checkpointing):
+def test_stored_activations_equal_what_autograd_keeps(tiny_model_dir, arch, bits, checkpointing, every):
     overrides = {"head_dim": 16} if arch == "gemma2" else {}
+    overrides.update({"layers": 3} if every > 1 else {})
     model_dir = tiny_model_dir(arch, **overrides)
-    measured = stored_after_forward(model_dir, bits, checkpointing)
+    measured = stored_after_forward(model_dir, bits, checkpointing, every=every)
     report = estimate_memory(
         model_dir,
         bits=bits,
@@ -139,6 +143,7 @@ def test_stored_activations_equal_what_autograd_keeps(tiny_model_dir, arch, bits
         seq_len=16,
         batch_size=2,
         gradient_checkpointing=checkpointing,
+        checkpoint_every=every,
         device="cpu",
         chunked_loss=False,  # measured through transformers' own loss
         padding=False,  # the measured batch is two unpadded rows
@@ -146,14 +151,14 @@ def test_stored_activations_equal_what_autograd_keeps(tiny_model_dir, arch, bits
     assert report.details["stored_after_forward"] == measured
 
 
-def measured_peak(model_dir, bits, checkpointing, batch_size, seq_len, optimizer="adamw_8bit", loss_chunk=0):
+def measured_peak(model_dir, bits, checkpointing, batch_size, seq_len, optimizer="adamw_8bit", loss_chunk=0, every=1):
     """Peak live bytes over two micro-batches, a step, and one more micro-batch (which then runs with the
     optimizer state and the accumulated fp32 gradients alive): every phase the estimate describes."""
     model = load(model_dir, bits)
     apply_lora(model, r=4, seed=0)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, every=every)
     opt = AdapterOptimizer([p for p in model.parameters() if p.requires_grad], optimizer)
     before = unique_bytes(list(model.parameters()) + list(model.buffers()) + opt.masters)
     ids = batch(model, batch_size, seq_len)
@@ -167,10 +172,11 @@ def measured_peak(model_dir, bits, checkpointing, batch_size, seq_len, optimizer
     return before + tracker.peak
 
 
-@pytest.mark.parametrize("checkpointing,loss_chunk", [(False, 0), (True, 0), (True, 8)])
-def test_predicted_peak_matches_the_cpu_allocation_peak(tiny_model_dir, checkpointing, loss_chunk):
-    model_dir = tiny_model_dir("llama", hidden_size=128, vocab_size=512)  # peaks: backward (ckpt), loss (no ckpt)
-    measured = measured_peak(model_dir, 4, checkpointing, batch_size=2, seq_len=32, loss_chunk=loss_chunk)
+@pytest.mark.parametrize("checkpointing,loss_chunk,every", [(False, 0, 1), (True, 0, 1), (True, 8, 1), (True, 0, 2)])
+def test_predicted_peak_matches_the_cpu_allocation_peak(tiny_model_dir, checkpointing, loss_chunk, every):
+    # peaks: backward (ckpt), loss (no ckpt, and checkpointing only layer 0 of 2)
+    model_dir = tiny_model_dir("llama", hidden_size=128, vocab_size=512)
+    measured = measured_peak(model_dir, 4, checkpointing, batch_size=2, seq_len=32, loss_chunk=loss_chunk, every=every)
     report = estimate_memory(
         model_dir,
         bits=4,
@@ -178,6 +184,7 @@ def test_predicted_peak_matches_the_cpu_allocation_peak(tiny_model_dir, checkpoi
         seq_len=32,
         batch_size=2,
         gradient_checkpointing=checkpointing,
+        checkpoint_every=every,
         optimizer="adamw_8bit",
         grad_accum=2,
         device="cpu",
@@ -318,6 +325,25 @@ def test_all_config_forms_give_the_same_report(tiny_model_dir):
 # -------------------------------------------------------------------------------- recommendations
 
 
+def test_spare_memory_is_offered_as_less_recompute():
+    inv = build_inventory("llama-3.1-8b")
+    every_layer = estimate_memory("llama-3.1-8b", seq_len=2048, batch_size=1)
+    totals = {
+        k: estimate_memory("llama-3.1-8b", seq_len=2048, batch_size=1, checkpoint_every=k).total for k in (2, 4, 32)
+    }
+    off = estimate_memory("llama-3.1-8b", seq_len=2048, batch_size=1, gradient_checkpointing=False).total
+    assert every_layer.total < totals[2] < totals[4] < totals[32] <= off  # fewer recomputed layers cost memory
+    assert advise(inv, every_layer, off).faster.changes == {"gradient_checkpointing": False}
+    fast = advise(inv, every_layer, totals[4]).faster  # the least recompute within the budget: 8 of 32 layers
+    assert fast.changes == {"checkpoint_every": 4} and fast.total == totals[4] and fast.saves < 0
+    assert "8 of 32 layers" in fast.name
+    assert advise(inv, every_layer, totals[4] - 1).faster.changes == {"checkpoint_every": 3}  # 11 of 32 recomputed
+    assert advise(inv, every_layer, every_layer.total + 1).faster is None  # no spare memory: nothing to offer
+    assert (
+        advise(inv, estimate_memory("llama-3.1-8b", seq_len=2048, batch_size=1, checkpoint_every=2), off).faster is None
+    )
+
+
 def test_largest_batch_and_longest_sequence_are_the_limits():
     inventory = build_inventory("llama-3.1-8b")
     budget = 16 * GiB
@@ -402,10 +428,10 @@ def test_trained_token_rows_add_their_delta_gradient_master_and_adam_state(tiny_
     numel = 2 * 2 * 64
     delta = {name: with_rows.size(name) - without.size(name) for name in with_rows.components}
     assert delta["lora_adapters"] == 2 * numel  # the bf16 deltas
-    assert delta["optimizer_state"] == 4 * numel + 2 * (2 * 4 * 128 + 4)  # fp32 masters + AdamW's two moments + step
+    assert delta["optimizer_state"] == 4 * numel + 2 * 4 * numel  # fp32 masters + AdamW's two moments (one flat tensor)
     assert delta["lora_gradients"] == 2 * numel  # their bf16 .grad in backward
     assert delta["gradient_accumulation"] == 4 * numel  # fp32 .grad on the masters across micro-batches
-    assert with_rows.total - without.total == 512 + 3080 + 512 + 1024
+    assert with_rows.total - without.total == 512 + 3072 + 512 + 1024
     assert with_rows.details["adapter_parameters"] - without.details["adapter_parameters"] == numel
 
 

@@ -135,3 +135,13 @@ def test_sizes_that_are_not_sizes_are_refused(text):
 
     with pytest.raises(ConfigError, match="max shard size"):
         parse_size(text, "max shard size")
+
+
+def test_out_of_memory_advice_first_gives_back_selective_recompute():
+    config = load_config(EXAMPLE, {"model": PRESET, "train.checkpoint_every": 2})
+    selective = advise_after_oom(config, budget=None)
+    every_layer = advise_after_oom(load_config(EXAMPLE, {"model": PRESET}), budget=None)
+    assert selective.total > every_layer.total  # keeping half the layers whole costs memory
+    assert selective.change.overrides == {"train.checkpoint_every": 1}
+    assert "every layer recomputed" in selective.change.description
+    assert "checkpoint_every" not in str(every_layer.change.overrides)  # nothing to give back at k = 1

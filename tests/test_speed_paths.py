@@ -75,3 +75,62 @@ def test_offload_needs_checkpointing():
 
     with pytest.raises(ConfigError, match="offload_activations needs train.gradient_checkpointing"):
         TrainSettings(gradient_checkpointing=False, offload_activations=True).validate()
+
+
+def _recomputed_layers(model, ids) -> list[int]:
+    """Indices of the decoder layers whose forward ran twice in one forward + backward."""
+    calls: list[int] = []
+    handles = [
+        layer.self_attn.register_forward_hook(lambda *_, i=i: calls.append(i))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        causal_lm_loss(model, ids, ids).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    model.zero_grad(set_to_none=True)
+    return sorted(i for i in set(calls) if calls.count(i) == 2)
+
+
+def test_selective_recompute_gives_the_same_gradients(tiny_model_dir):
+    model, _ = load_quantized(tiny_model_dir("llama", layers=5), device="cpu")
+    apply_lora(model, r=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    model.train()
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        enable_gradient_checkpointing(model)
+        assert _recomputed_layers(model, ids) == [0, 1, 2, 3, 4]
+        every_layer = _adapter_grads(model, ids)
+        enable_gradient_checkpointing(model, every=2)
+        assert _recomputed_layers(model, ids) == [0, 2, 4]  # layers 1 and 3 keep their activations
+        selective = _adapter_grads(model, ids)
+        enable_gradient_checkpointing(model, every=3)
+        assert _recomputed_layers(model, ids) == [0, 3]
+    assert every_layer.keys() == selective.keys() and len(every_layer) == 5 * 7 * 2
+    for name, grad in every_layer.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.equal(selective[name], grad), name  # the recompute repeats the forward exactly on the CPU
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (
+            dict(checkpoint_every=2, gradient_checkpointing=False),
+            "checkpoint_every is 2 but train.gradient_checkpointing is off",
+        ),
+        (dict(checkpoint_every=2, tiled_mlp=True), "does not run with train.tiled_mlp yet"),
+        (dict(checkpoint_every=4, offload_activations=True, fsdp=True), "train.offload_activations or train.fsdp"),
+        (dict(checkpoint_every=0), "train.checkpoint_every is 0"),
+    ],
+)
+def test_selective_recompute_refuses_what_it_does_not_support(settings, message):
+    from qlora_lite.config.settings import TrainSettings
+    from qlora_lite.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        TrainSettings(**settings).validate()

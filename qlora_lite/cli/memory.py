@@ -20,7 +20,7 @@ from .common import console
 FLAG_KEYS = {
     "bits": "quant.bits", "quant_type": "quant.quant_type", "rank": "lora.r", "lora_dropout": "lora.dropout",
     "seq_len": "data.max_seq_len", "batch_size": "train.micro_batch_size", "grad_accum": "train.grad_accum",
-    "optimizer": "train.optimizer",
+    "optimizer": "train.optimizer", "checkpoint_every": "train.checkpoint_every",
 }  # fmt: skip
 
 
@@ -54,6 +54,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch; train.micro_batch_size")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step; train.grad_accum")
     p.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="recompute only every k-th layer, keep the others' activations (faster, more memory); "
+        "train.checkpoint_every",
+    )
     p.add_argument("--optimizer", default=None, help="paged_adamw_8bit, adamw_8bit or adamw; train.optimizer")
     p.add_argument(
         "--chunked-loss",
@@ -112,6 +119,12 @@ def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any
     if args.fsdp is not None:
         out["train.fsdp"] = args.fsdp
     return {**out, **extra}
+
+
+def _checkpointing_text(s: Any) -> str:
+    if not s.gradient_checkpointing:
+        return "off"
+    return "on" if s.checkpoint_every == 1 else f"every {s.checkpoint_every} layers"
 
 
 def run_config(args: argparse.Namespace, extra: dict[str, Any]):
@@ -177,7 +190,7 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     out.print(
         f"[bold]{report.model}[/] ({report.details['parameters'] / 1e9:.2f}B params): {quant}, r={s.rank} on "
         f"{report.details['targeted_layers']} layers, seq {s.seq_len} x micro-batch {s.batch_size}, grad_accum "
-        f"{s.grad_accum}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+        f"{s.grad_accum}, checkpointing {_checkpointing_text(s)}, "
         f"{report.details['optimizer_in_use']}, {report.details['attention']} attention"
         f"{', chunked loss' if s.chunked_loss else ''}"
     )
@@ -204,6 +217,12 @@ def run(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         out.print(f"largest micro-batch at seq {s.seq_len}: {advice.max_batch_size}")
         limit = " (the model's context length)" if advice.max_seq_len == advice.seq_limit else ""
         out.print(f"longest sequence at micro-batch 1: {advice.max_seq_len:,} tokens{limit}")
+        if advice.faster:
+            fast = advice.faster
+            out.print(
+                f"faster with the spare memory: {fast.name}: +{gib(-fast.saves)} GiB -> {gib(fast.total)} GiB "
+                f"({', '.join(f'train.{k}: {str(v).lower()}' for k, v in fast.changes.items())})"
+            )
     if advice.best_switch:
         best = advice.best_switch
         out.print(f"biggest single saving: {best.name}: -{gib(best.saves)} GiB -> {gib(best.total)} GiB")

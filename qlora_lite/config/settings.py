@@ -216,6 +216,13 @@ class TrainSettings(Section):
     gradient_checkpointing: bool = setting(
         True, "recompute each decoder layer in backward instead of storing activations"
     )
+    checkpoint_every: int = setting(
+        1,
+        "with gradient_checkpointing, recompute only layers 0, k, 2k, ... and keep the others' activations: "
+        "fewer recomputed layers, faster steps, more memory (1: every layer)",
+        min=1,
+        max=MAX_COUNT,
+    )
     offload_activations: bool = setting(
         False, "keep each checkpointed layer's input in CPU memory (long sequences on small GPUs)"
     )
@@ -261,6 +268,19 @@ class TrainSettings(Section):
                 f"{prefix}offload_activations needs {prefix}gradient_checkpointing: true "
                 "(it offloads the checkpointed inputs)"
             ]
+        every = self.checkpoint_every
+        if isinstance(every, int) and not isinstance(every, bool) and every > 1:
+            if not self.gradient_checkpointing:
+                return [
+                    f"{prefix}checkpoint_every is {every} but {prefix}gradient_checkpointing is off; "
+                    "turn it on, or set checkpoint_every: 1"
+                ]
+            clashes = [n for n in ("offload_activations", "tiled_mlp", "compile", "fsdp") if getattr(self, n) is True]
+            if clashes:
+                return [
+                    f"{prefix}checkpoint_every: {every} (selective recompute) does not run with "
+                    f"{' or '.join(prefix + n for n in clashes)} yet; set checkpoint_every: 1, or turn those off"
+                ]
         return []
 
 

@@ -150,6 +150,14 @@ class ActivationModel:
     final_norm: int  # the final norm's fp32 input + rstd
     misc: int  # rotary cos/sin, labels, and what the checkpoint closures keep (position ids, masks)
     masks: int  # the attention masks, alive during every forward
+    layer_stored: tuple[int, ...] = ()  # what each decoder layer keeps after the forward, in layer order
+    checkpointed: tuple[bool, ...] = ()  # which decoder layers are checkpointed (train.checkpoint_every)
+
+
+def checkpointed_layers(inv: Inventory, s: RunSettings) -> list[bool]:
+    """Which decoder layers recompute in backward: all with checkpointing, or layers 0, k, 2k, ... with
+    `checkpoint_every` k (`training.checkpointing.enable_gradient_checkpointing`)."""
+    return [s.gradient_checkpointing and k % max(s.checkpoint_every, 1) == 0 for k in range(inv.layers)]
 
 
 def activation_model(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> ActivationModel:
@@ -160,9 +168,12 @@ def activation_model(inv: Inventory, targets: list[LinearInfo], s: RunSettings) 
             by_layer[t.layer].append(t)
     b, n, T = s.batch_size, s.seq_len, s.tokens
     stored, ckpt_token = 0, BF16 * inv.hidden
+    checkpointed = checkpointed_layers(inv, s)
+    layer_stored = []
     for k in range(inv.layers):
         layer = by_layer[k]
-        if s.gradient_checkpointing:
+        before = stored
+        if checkpointed[k]:
             # transformers' gradient_checkpointing_enable makes the embedding output require grad, so layer 0 is like the rest
             held = bnb8_held_bytes(inv, layer, first=False) if s.bits == 8 else 0
             layer_input = (
@@ -174,6 +185,7 @@ def activation_model(inv: Inventory, targets: list[LinearInfo], s: RunSettings) 
             acts = layer_activations(inv, layer, s, first=k == 0)
             held = bnb8_held_bytes(inv, layer, k == 0) if s.bits == 8 and s.lora_dropout > 0 else 0
             stored += acts.at(b, n) + held * T  # with dropout the 8-bit layer's input is not shared with LoRA
+        layer_stored.append(stored - before)
     reference = max(by_layer.values(), key=len) if targets else []
     full = layer_activations(inv, reference, s, first=False)
     final_norm = (FP32 * inv.hidden + FP32) * T  # the final RMSNorm's fp32 input and rstd
@@ -181,8 +193,9 @@ def activation_model(inv: Inventory, targets: list[LinearInfo], s: RunSettings) 
     masks = attention_mask_bytes(inv, s)
     rotary = 2 * BF16 * n * inv.head_dim  # cos and sin [1, s, head_dim], computed once per forward
     labels = 8 * T  # shifted int64 labels kept by nll_loss
-    kept_by_checkpoint = 8 * n + masks if s.gradient_checkpointing else 0  # position ids [1, s] int64 and the masks
-    return ActivationModel(full, stored, ckpt_token, final_norm, rotary + labels + kept_by_checkpoint, masks)
+    kept_by_checkpoint = 8 * n + masks if any(checkpointed) else 0  # position ids [1, s] int64 and the masks
+    misc = rotary + labels + kept_by_checkpoint
+    return ActivationModel(full, stored, ckpt_token, final_norm, misc, masks, tuple(layer_stored), tuple(checkpointed))
 
 
 def attention_mask_bytes(inv: Inventory, s: RunSettings) -> int:
@@ -211,9 +224,9 @@ def loss_bytes(inv: Inventory, s: RunSettings) -> tuple[int, int, int]:
     peak = 3 * FP32 * logits + softcap  # log_softmax backward: grad in, saved output, grad out (fp32)
     kept = FP32 * logits + softcap + 2 * FP32  # saved log-probs (+ tanh), nll's total_weight, the loss
     if s.chunked_loss:
-        # qlora_lite.loss per chunk: fp32 logits reused in place for the softmax, plus logsumexp's fp32 temporary
-        # (the bf16 matmul output and the bf16 logit gradient are smaller and live beside the fp32 buffer only)
-        peak = 2 * FP32 * logits + (FP32 * logits if inv.arch.final_softcap else 0)
+        # qlora_lite.loss per chunk: one fp32 buffer (logits, then softmax, then their gradient, in place) beside the
+        # bf16 matmul output or the bf16 gradient; soft-capping adds its fp32 tanh
+        peak = (FP32 + BF16) * logits + (FP32 * logits if inv.arch.final_softcap else 0)
         peak += BF16 * inv.hidden * s.tokens  # gradient of the final hidden states, accumulated chunk by chunk
         kept = BF16 * inv.hidden * s.tokens + 2 * FP32  # that gradient waits for backward, with the loss
     cached = BF16 * logits  # the bf16 logits' block, freed before the fp32 ones are, too small to reuse (CUDA)
@@ -329,16 +342,35 @@ def working_sets(
     With offloaded activations on CUDA, the next layer's input is copied back while a layer is recomputed
     (`training.checkpointing.OffloadedActivations`), so the backward holds one more layer input.
     """
-    sets = _tiled_working_sets(inv, targets, acts, s) if s.tiled_mlp else _working_sets(inv, targets, acts, s)
+    sets = _tiled_working_sets(inv, targets, acts, s) if s.tiled_mlp else _mixed_working_sets(inv, targets, acts, s)
     if s.offload_activations and s.gradient_checkpointing and s.device == "cuda":
         work, dequant = sets["backward"]
         sets["backward"] = (work + BF16 * inv.hidden * s.tokens, dequant)
     return sets
 
 
-def _working_sets(
+def _mixed_working_sets(
     inv: Inventory, targets: list[LinearInfo], acts: ActivationModel, s: RunSettings
 ) -> dict[str, tuple[int, int]]:
+    """The working sets when layers differ (`checkpoint_every` > 1): each kind of layer (checkpointed or not) at
+    its last layer, where the layers after it have stored (forward) or already freed (backward) their bytes."""
+    kinds = sorted(set(acts.checkpointed)) or [s.gradient_checkpointing]
+    forward, backward = [], []
+    for kind in kinds:
+        last = max((k for k, c in enumerate(acts.checkpointed) if c == kind), default=inv.layers - 1)
+        after = sum(acts.layer_stored[last + 1 :])
+        sets = _working_sets(inv, targets, acts, s, kind)
+        forward.append((sets["forward"][0] - after, sets["forward"][1]))
+        backward.append((sets["backward"][0] - after, sets["backward"][1]))
+        final_norm = sets["final_norm"]
+    return {"forward": max(forward, key=sum), "backward": max(*backward, final_norm, key=sum)}
+
+
+def _working_sets(
+    inv: Inventory, targets: list[LinearInfo], acts: ActivationModel, s: RunSettings, ckpt: bool
+) -> dict[str, tuple[int, int]]:
+    """{forward, backward, final_norm}: (bytes beyond the stored activations, dequantization part) of the last decoder
+    layer, checkpointed (`ckpt`) or not, and of the final norm's backward."""
     T, h, i = s.tokens, inv.hidden, inv.intermediate
     q, kv = inv.heads * inv.head_dim, inv.kv_heads * inv.head_dim
     wide = max(targets, key=lambda t: t.out_features * t.in_features) if targets else None
@@ -357,7 +389,7 @@ def _working_sets(
     partial = BF16 * h * mlp_in + (BF16 * 2 * i if inv.arch.gated_mlp and not fused else 0)
     rest = full.mlp_per_token - partial  # MLP tensors saved only after the up projection has run
     residual = BF16 * h * T  # the residual stream after attention, alive (not saved) through the MLP
-    if s.gradient_checkpointing:
+    if ckpt:
         # nothing is saved: alive are the residual, the norm output and (unfused) the activation output; the 8-bit
         # down projection's input, counted in the stored total, does not exist yet
         live = residual + BF16 * h * T + (BF16 * i * T if inv.arch.gated_mlp and not fused else 0)
@@ -367,12 +399,10 @@ def _working_sets(
         forward = (max(residual + transient[0] - rest * T, 0), transient[1])  # the stored total counts the whole layer
     if attention_mode(inv, s) == "eager":
         # scores (bf16), their fp32 copy and the fp32 softmax; under checkpointing the saved probabilities are transient too
-        probs = (
-            BF16 + FP32 + (FP32 + BF16 + (BF16 if inv.arch.attn_softcap else 0) if s.gradient_checkpointing else FP32)
-        )
+        probs = BF16 + FP32 + (FP32 + BF16 + (BF16 if inv.arch.attn_softcap else 0) if ckpt else FP32)
         forward = max(forward, (probs * inv.heads * s.batch_size * s.seq_len**2, 0), key=sum)
     # backward of the last layer; with checkpointing its saved tensors are first recomputed on top of the stored ones
-    recompute = saved if s.gradient_checkpointing else 0
+    recompute = saved if ckpt else 0
     grad_in = BF16 * h * T  # gradient of the layer output, also kept for the residual branch
     product_saved = any(t.role == "mlp_out" for t in targets) and s.lora_dropout == 0
     # the product's gradient (inter) takes the place of the saved product, freed by lora_A's backward; when
@@ -382,7 +412,7 @@ def _working_sets(
     # gradients of the activation output and of up (2 x inter)
     mlp = max((BF16 * 2 * i * T, 0), (BF16 * i * T, dq_bwd), key=sum)
     candidates = {"mlp": (recompute + grad_in + extra + mlp[0], mlp[1])}
-    if s.gradient_checkpointing:  # the recomputation itself, at the up projection (as in the forward)
+    if ckpt:  # the recomputation itself, at the up projection (as in the forward)
         candidates["recompute"] = (recompute - rest * T + grad_in + residual + transient[0], transient[1])
     after_mlp = recompute - full.mlp_per_token * T
     # RMSNorm backward in fp32 (five [tokens, hidden] fp32 temporaries) with the residual and norm-output grads
@@ -397,6 +427,6 @@ def _working_sets(
             (2 * FP32 + BF16) * inv.heads * s.batch_size * s.seq_len**2
         )  # softmax backward: fp32 grads in/out + bf16
     candidates["attention"] = (attn, 0)
-    candidates["final_norm"] = (acts.final_norm + grad_in + RMSNORM_BACKWARD * h * T, 0)
+    final_norm = (acts.final_norm + grad_in + RMSNORM_BACKWARD * h * T, 0)
     backward = max(candidates.values(), key=sum)
-    return {"forward": forward, "backward": backward}
+    return {"forward": forward, "backward": backward, "final_norm": final_norm}

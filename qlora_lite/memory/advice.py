@@ -78,6 +78,7 @@ class Advice:
     max_seq_len: int | None  # at micro-batch 1; 0 when even 1 token does not fit
     seq_limit: int | None  # the model's context length (the search's upper end)
     switches: list[Switch] = field(default_factory=list)  # every single change that saves memory, biggest first
+    faster: Switch | None = None  # the least recompute that still fits: spare memory traded for speed
 
     @property
     def best_switch(self) -> Switch | None:
@@ -88,6 +89,7 @@ class Advice:
         """JSON-ready form."""
         out = asdict(self)
         out["best_switch"] = asdict(self.best_switch) if self.best_switch else None
+        out["faster"] = asdict(self.faster) if self.faster else None
         return out
 
 
@@ -136,10 +138,15 @@ def candidate_switches(report: MemoryReport) -> list[tuple[str, dict[str, Any]]]
         out.append(("double quantization on", {"double_quant": True}))
     if not s.chunked_loss:
         out.append(("chunked loss", {"chunked_loss": True}))
+    selective = s.gradient_checkpointing and s.checkpoint_every > 1
+    every = {"checkpoint_every": 1} if selective else {}  # offload and tiled MLP run with every layer checkpointed
+    also = " (and every layer recomputed)" if selective else ""
+    if selective:
+        out.append(("every layer recomputed (checkpoint_every 1)", every))
     if s.gradient_checkpointing and not s.offload_activations:
-        out.append(("activation offload", {"offload_activations": True}))
+        out.append(("activation offload" + also, {"offload_activations": True, **every}))
     if not s.tiled_mlp:
-        out.append(("tiled MLP", {"tiled_mlp": True}))
+        out.append(("tiled MLP" + also, {"tiled_mlp": True, **every}))
     if s.rank > 1:
         out.append((f"rank {s.rank} -> {s.rank // 2}", {"rank": s.rank // 2}))
     if s.optimizer == "adamw":
@@ -161,6 +168,31 @@ def rank_switches(inv: Inventory, report: MemoryReport) -> list[Switch]:
     return sorted(switches, key=lambda sw: -sw.saves)
 
 
+def least_recompute(inv: Inventory, report: MemoryReport, budget: int) -> Switch | None:
+    """With every layer checkpointed and memory to spare: the change that recomputes the fewest layers and still fits
+    (checkpointing off, else the largest `checkpoint_every`), or None. Its `saves` is negative: it costs memory."""
+    s = report.settings
+    if not s.gradient_checkpointing or s.checkpoint_every != 1 or s.offload_activations or s.tiled_mlp or s.fsdp:
+        return None
+    if report.total > budget:
+        return None
+    layers = inv.layers
+    options = [("gradient checkpointing off (no layer recomputed)", {"gradient_checkpointing": False})]
+    seen = set()
+    for every in range(layers, 1, -1):  # larger k recomputes fewer layers: ceil(layers / k) of them
+        recomputed = -(-layers // every)
+        if recomputed not in seen and recomputed < layers:
+            seen.add(recomputed)
+            options.append(
+                (f"checkpoint_every {every} ({recomputed} of {layers} layers recomputed)", {"checkpoint_every": every})
+            )
+    for name, changes in options:
+        total = report_for(inv, with_settings(report, **changes)).total
+        if total <= budget:
+            return Switch(name, changes, total, report.total - total)
+    return None
+
+
 def advise(inv: Inventory, report: MemoryReport, budget: int | None = None, budget_label: str | None = None) -> Advice:
     """Verdict against `budget` (bytes) and the recommendations; searches run only with a budget."""
     switches = rank_switches(inv, report)
@@ -176,6 +208,7 @@ def advise(inv: Inventory, report: MemoryReport, budget: int | None = None, budg
         max_seq_len=max_seq,
         seq_limit=limit,
         switches=switches,
+        faster=least_recompute(inv, report, budget),
     )
 
 

@@ -65,6 +65,8 @@ def _ladder(s: RunSettings) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     if not s.gradient_checkpointing:
         out.append(("gradient checkpointing on", {"gradient_checkpointing": True}))
+    if s.checkpoint_every > 1:
+        out.append(("every layer recomputed", {"checkpoint_every": 1}))
     if not s.chunked_loss:
         chunk = s.loss_chunk_tokens if s.loss_chunk_tokens > 0 else default_of("train.loss_chunk_tokens")
         out.append(("chunked loss", {"chunked_loss": True, "loss_chunk_tokens": chunk}))
@@ -75,7 +77,8 @@ def _ladder(s: RunSettings) -> list[tuple[str, dict[str, Any]]]:
                 {"batch_size": 1, "grad_accum": s.grad_accum * s.batch_size},
             )
         )
-    out.append(("activation offload", {"offload_activations": True, "gradient_checkpointing": True}))
+    every = {"checkpoint_every": 1} if s.checkpoint_every > 1 else {}  # offload checkpoints every layer
+    out.append(("activation offload", {"offload_activations": True, "gradient_checkpointing": True, **every}))
     return out
 
 
@@ -129,7 +132,7 @@ def gpus_needed(
 
     FSDP shards within a node and replicates across nodes (HSDP), so a rank's memory depends on the GPUs per
     node only: more nodes add throughput, not room, and the search ends at one full node."""
-    s = replace(s, fsdp=True, nodes=1, gpus=1)
+    s = replace(s, fsdp=True, nodes=1, gpus=1, checkpoint_every=1)  # FSDP recomputes every layer
     if s.bits != 4:
         raise ConfigError(
             "fsdp shards 4-bit bases only (bitsandbytes' 8-bit layers cannot be sharded); use bits 4 to find how "

@@ -135,6 +135,12 @@ def _candidates(config: TrainConfig, s: RunSettings) -> list[tuple[str, dict[str
 
     t = config.train
     out = []
+    if t.checkpoint_every > 1:  # spare memory traded for speed is the first thing to give back
+        out.append((
+            f"every layer recomputed (train.checkpoint_every {t.checkpoint_every} -> 1)",
+            {"train.checkpoint_every": 1},
+            {"checkpoint_every": 1},
+        ))  # fmt: skip
     if not s.chunked_loss:
         chunk = default_of("train.loss_chunk_tokens")
         out.append((f"chunked loss (train.loss_chunk_tokens {chunk})", {"train.loss_chunk_tokens": chunk},
@@ -154,9 +160,12 @@ def _candidates(config: TrainConfig, s: RunSettings) -> list[tuple[str, dict[str
                 {"batch_size": smaller, "grad_accum": more},
             ))  # fmt: skip
     if t.gradient_checkpointing and not t.offload_activations:
-        out.append(
-            ("activation offload to CPU memory", {"train.offload_activations": True}, {"offload_activations": True})
-        )
+        every = t.checkpoint_every > 1  # offload runs with every layer checkpointed
+        out.append((
+            "activation offload to CPU memory" + (" with every layer recomputed" if every else ""),
+            {"train.offload_activations": True, **({"train.checkpoint_every": 1} if every else {})},
+            {"offload_activations": True, **({"checkpoint_every": 1} if every else {})},
+        ))  # fmt: skip
     return out
 
 

@@ -140,7 +140,7 @@ def _phases(
         "forward": {
             **persistent,
             "gradient_accumulation": accumulated,
-            "activations": stored + (0 if s.gradient_checkpointing else acts.masks),
+            "activations": stored + (0 if any(acts.checkpointed) else acts.masks),
             "layer_working_set": ws["forward"][0],
             "dequant_temporaries": ws["forward"][1],
         },
@@ -309,6 +309,8 @@ def describe_components(report: MemoryReport) -> dict[str, str]:
     ckpt = (
         f"{kept} (checkpointing; {full} without)" if s.gradient_checkpointing else f"{full} ({kept} with checkpointing)"
     )
+    if s.gradient_checkpointing and s.checkpoint_every > 1:
+        ckpt = f"{full}, every {s.checkpoint_every}th layer {kept} (checkpointed)"
     loss_tokens = min(s.loss_chunk_tokens, s.tokens) if s.chunked_loss else s.tokens
     return {
         "quantized_weights": f"{d['targeted_layers']} layers, {s.bits}-bit {quant}",
@@ -325,7 +327,11 @@ def describe_components(report: MemoryReport) -> dict[str, str]:
             if s.gradient_checkpointing
             else "one layer's gradients and temporaries"
         ),
-        "logits_and_loss": f"3 x fp32 [{loss_tokens:,} x {d['vocab_size']:,}] in log_softmax backward",
+        "logits_and_loss": (
+            f"fp32 + bf16 [{loss_tokens:,} x {d['vocab_size']:,}] per loss chunk"
+            if s.chunked_loss
+            else f"3 x fp32 [{loss_tokens:,} x {d['vocab_size']:,}] in log_softmax backward"
+        ),
         "dequant_temporaries": "largest weight dequantized to bf16",
         "optimizer_step": "torch AdamW's foreach temporaries",
         "allocator_reserve": "freed blocks the peak cannot reuse + 3% slack",

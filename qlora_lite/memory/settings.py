@@ -33,6 +33,7 @@ SCHEMA_KEYS = {
     "batch_size": "train.micro_batch_size",
     "grad_accum": "train.grad_accum",
     "gradient_checkpointing": "train.gradient_checkpointing",
+    "checkpoint_every": "train.checkpoint_every",
     "offload_activations": "train.offload_activations",
     "tiled_mlp": "train.tiled_mlp",
     "optimizer": "train.optimizer",
@@ -65,6 +66,7 @@ class RunSettings:
     batch_size: int = _default("batch_size")
     grad_accum: int = _default("grad_accum")  # > 1 keeps fp32 gradients across forwards
     gradient_checkpointing: bool = _default("gradient_checkpointing")
+    checkpoint_every: int = _default("checkpoint_every")  # selective recompute: layers 0, k, 2k, ... checkpointed
     offload_activations: bool = _default("offload_activations")
     tiled_mlp: bool = _default("tiled_mlp")
     tile_tokens: int = 0  # sequence positions per tile of the tiled MLP (0: the trainer's choice, the hidden size)
@@ -117,6 +119,13 @@ class RunSettings:
             found.append(f"device is {self.device!r}; use 'cuda' or 'cpu'")
         if self.offload_activations and not self.gradient_checkpointing:
             found.append("offload_activations needs gradient_checkpointing (it offloads the checkpointed inputs)")
+        every = self.checkpoint_every
+        if isinstance(every, int) and not isinstance(every, bool) and every > 1:
+            clashes = [n for n in ("offload_activations", "tiled_mlp", "fsdp") if getattr(self, n) is True]
+            if not self.gradient_checkpointing:
+                found.append(f"checkpoint_every is {every}; it needs gradient_checkpointing")
+            elif clashes:
+                found.append(f"checkpoint_every {every} does not run with {' or '.join(clashes)} yet")
         found.extend(self._rank_problems())
         return found
 

@@ -103,8 +103,13 @@ def _checkpoint_function(offload: bool, device: torch.device | None = None):
     return checkpoint_layer
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False, every: int = 1) -> None:
     """Recompute each decoder layer in backward (non-reentrant, so gradients reach the adapters of a frozen base).
+
+    `every` > 1 is selective recompute: only layers 0, every, 2 * every, ... are checkpointed; the others keep their
+    activations from the forward, so the backward recomputes a 1 / every share of the layers (faster, and more
+    memory, which `qlora-lite memory --checkpoint-every` predicts). It switches checkpointing off on the other layers
+    through transformers' per-layer flag (`GradientCheckpointingLayer.gradient_checkpointing`).
 
     With `offload`, the one tensor each checkpointed layer keeps (its input) is held in pinned CPU memory and
     copied back for the recompute: it frees layers x tokens x hidden bf16 bytes of GPU memory, which dominates at
@@ -131,3 +136,21 @@ def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False)
         )
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    if every > 1:
+        _checkpoint_every(model, every)
+
+
+def _checkpoint_every(model: torch.nn.Module, every: int) -> None:
+    from ..model.targets import decoder_layers
+
+    layers = decoder_layers(model)
+    if not layers or not all(isinstance(getattr(layer, "gradient_checkpointing", None), bool) for layer in layers):
+        import transformers
+
+        raise ConfigError(
+            f"train.checkpoint_every needs decoder layers that checkpoint themselves, which {type(model).__name__} "
+            f"under transformers {transformers.__version__} does not have; upgrade transformers, or set "
+            "train.checkpoint_every: 1."
+        )
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0

@@ -171,7 +171,7 @@ def prepare_run(config: TrainConfig, device: torch.device, world: World = SINGLE
     if new_token_ids and not _vocab_modules_saved(model, whole):  # peft's trainable_token_indices: only new rows train
         apply_trainable_tokens(model, new_token_ids)
     if s.gradient_checkpointing:
-        enable_gradient_checkpointing(model, offload=s.offload_activations)
+        enable_gradient_checkpointing(model, offload=s.offload_activations, every=s.checkpoint_every)
     if s.tiled_mlp:
         enable_tiled_mlp(model)
     if s.compile:
@@ -191,6 +191,6 @@ def _sharded_model(config: TrainConfig, model_dir, world: World, device: torch.d
         model_dir, world, device, config.quant, config.lora, seed=s.seed, trust_remote_code=config.trust_remote_code
     )
     if s.gradient_checkpointing:
-        enable_gradient_checkpointing(model, offload=s.offload_activations)
+        enable_gradient_checkpointing(model, offload=s.offload_activations, every=s.checkpoint_every)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, AdapterOptimizer(params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
