@@ -310,9 +310,7 @@ def test_bf16_adapters_with_fp32_masters_match_fp32_adapters_on_the_demo_task(de
     cfg = demo_config(Path(demo["base_dir"]), out / "data", tmp_path / "fp32", demo["train_steps"], 0, "float32")
     fp32 = train(cfg)
     bf16_loss = demo["eval_loss_after"]
-    # within 1% in perplexity: near a loss of 0.06 a bound relative to the loss is below the spread of equivalent
-    # runs (with fp32 adapters the flat 8-bit optimizer state and the per-tensor one end 0.056 and 0.068 apart)
-    assert abs(bf16_loss - fp32.eval_loss) < 0.01, (bf16_loss, fp32.eval_loss)
+    assert abs(bf16_loss - fp32.eval_loss) / fp32.eval_loss < 0.03, (bf16_loss, fp32.eval_loss)
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):

@@ -74,25 +74,33 @@ def trainable_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) 
 
 
 def optimizer_state_bytes(numels: list[int], optimizer: str, per_tensor: bool = False) -> tuple[int, int]:
-    """(bytes, of which paged) of `AdapterOptimizer`: fp32 masters + the inner optimizer's state tensors.
+    """(bytes, of which paged) of `AdapterOptimizer`: fp32 masters + the inner optimizers' state tensors.
 
-    By default its flat layout: one fp32 master buffer of sum(numels) elements and the inner state of that one tensor.
-    `per_tensor`: one master and one inner state per tensor, as for FSDP's shards (`memory.ranks`).
+    By default its flat layout: one fp32 master buffer of sum(numels) elements; torch AdamW's state for that one
+    tensor, or bitsandbytes' 8-bit state for the part of the tensors of min_8bit_size or more and fp32 state for the
+    part of the smaller ones. `per_tensor`: one master and one inner state per tensor, as for FSDP's shards
+    (`memory.ranks`).
     """
     masters = FP32 * sum(numels)  # fp32 master copy of each adapter tensor (flat: one buffer of them all)
-    tensors = list(numels) if per_tensor or not numels else [sum(numels)]
+    if per_tensor or not numels:
+        tensors = [(n, n >= BNB_8BIT_MIN_SIZE) for n in numels]
+    elif optimizer == "adamw":
+        tensors = [(sum(numels), False)]
+    else:
+        big, small = sum(n for n in numels if n >= BNB_8BIT_MIN_SIZE), sum(n for n in numels if n < BNB_8BIT_MIN_SIZE)
+        tensors = [(n, eight) for n, eight in ((big, True), (small, False)) if n]
     if optimizer == "adamw":  # torch AdamW: exp_avg, exp_avg_sq fp32 + an fp32 step per tensor
-        return masters + sum(2 * FP32 * n + FP32 for n in tensors), 0
+        return masters + sum(2 * FP32 * n + FP32 for n, _ in tensors), 0
     total, paged, any_8bit = masters, 0, False
-    for n in tensors:
-        if n < BNB_8BIT_MIN_SIZE:
+    for n, eight in tensors:
+        if not eight:
             state = 2 * FP32 * n  # bitsandbytes keeps fp32 state1/state2 below min_8bit_size
         else:
             any_8bit = True
             state = 2 * n  # uint8 state1 + state2
             total += 2 * FP32 * math.ceil(n / BNB_STATE_BLOCK)  # fp32 absmax1/absmax2, one per 256-value block
-        if optimizer == "paged_adamw_8bit" and n >= BNB_PAGED_MIN_NUMEL:
-            paged += state  # state1/state2 in CUDA unified memory (cudaMallocManaged), outside torch's allocator
+            if optimizer == "paged_adamw_8bit" and n >= BNB_PAGED_MIN_NUMEL:
+                paged += state  # state1/state2 in CUDA unified memory (cudaMallocManaged), outside torch's allocator
         total += state
     if any_8bit:
         total += 2 * 256 * FP32  # the shared 256-entry fp32 qmaps "dynamic" and "udynamic"

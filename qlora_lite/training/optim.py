@@ -5,14 +5,15 @@ fp32 buffer of all trainable tensors, the masters being views into it. Gradients
 micro-batch `accumulate_grads` adds the bf16 gradients into one flat fp32 gradient buffer (allocated at the first
 micro-batch of a step, dropped after the step; each master's `.grad` is its view), so a step clips by one norm,
 data parallel sums one buffer in place, and the inner optimizer (bitsandbytes 8-bit AdamW, its paged variant on
-CUDA, or torch AdamW) updates one parameter, the flat master, in one call; the masters are then rounded back into
-the bf16 parameters. An update smaller than bf16's spacing therefore accumulates in the master instead of vanishing.
+CUDA, or torch AdamW) updates the flat buffer in one call; the masters are then rounded back into the bf16
+parameters. An update smaller than bf16's spacing therefore accumulates in the master instead of vanishing.
 
 The flat layout's consequences: fp32 parameters get an fp32 master copy like the others; a tensor without a gradient
 in a step contributes zeros (AdamW still decays its moments); bitsandbytes quantizes the 8-bit state in 256-value
-blocks over the flat buffer (a block may span two tensors) and keeps it 8-bit for tensors below its min_8bit_size
-too. Parameters sharded by FSDP2 (DTensors) keep one master per local shard (an fp32 shard is its own), each its own
-inner parameter.
+blocks over the flat buffer (a block may span two tensors). Tensors below bitsandbytes' min_8bit_size (4096 values),
+for which it keeps fp32 state because 8-bit is too coarse for them, sit at the end of the buffer in a part of their
+own with fp32 state, updated by a second call. Parameters sharded by FSDP2 (DTensors) keep one master per local shard
+(an fp32 shard is its own), each its own inner parameter.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from ..errors import ConfigError
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
+BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 optimizer state
 
 
 def resolve_optimizer_name(name: str, device: torch.device) -> str:
@@ -36,12 +38,18 @@ def resolve_optimizer_name(name: str, device: torch.device) -> str:
     return name
 
 
-def _inner_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_decay: float, betas, eps):
+def _inner_optimizer(
+    name: str, params: list[torch.Tensor], lr: float, weight_decay: float, betas, eps, fp32_state: bool = False
+):
+    """torch AdamW, or bitsandbytes' (paged) 8-bit AdamW; `fp32_state`: its unpaged fp32-state path (bitsandbytes' own
+    choice for tensors below min_8bit_size)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import bitsandbytes as bnb
+    if fp32_state:
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=2**62)
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
@@ -49,11 +57,6 @@ def _inner_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_de
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (a view of its storage); any other tensor itself."""
     return t.to_local() if type(t).__name__ == "DTensor" else t
-
-
-def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive views of `flat` shaped as the tensors of `like`."""
-    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 class AdapterOptimizer:
@@ -80,9 +83,11 @@ class AdapterOptimizer:
         self.name = resolve_optimizer_name(name, self.params[0].device)
         self.sharded = any(type(p).__name__ == "DTensor" for p in self.params)
         self.layout = "per-tensor" if self.sharded else "flat"
-        self.flat: torch.Tensor | None = None
+        self.flat: torch.Tensor | None = None  # the flat fp32 master storage (None when sharded)
         self._grad: torch.Tensor | None = None  # the step's flat fp32 gradient; None until a micro-batch adds to it
         self._grad_views: list[torch.Tensor] = []
+        self._parts: list[tuple[int, int]] = []  # [start, end) of each inner parameter in the flat buffer
+        self._inner_params: list[torch.Tensor] = []  # those parameters: leaves sharing the flat buffer's storage
         with torch.no_grad():
             self.locals = [_local(p) for p in self.params]
             if self.sharded:  # an fp32 shard is its own master; a lower-precision one gets an fp32 copy
@@ -90,18 +95,42 @@ class AdapterOptimizer:
                     t if t.dtype == torch.float32 else t.detach().float().clone().requires_grad_(True)
                     for t in self.locals
                 ]
+                inners = [_inner_optimizer(self.name, self.masters, lr, weight_decay, betas, eps)]
             else:
-                numel = sum(t.numel() for t in self.locals)
-                self.flat = torch.empty(numel, dtype=torch.float32, device=self.locals[0].device, requires_grad=True)
-                self.masters = _views(self.flat.detach(), self.locals)  # plain tensors, no autograd view of a leaf
-                torch._foreach_copy_(self.masters, [t.detach() for t in self.locals])
-        inner = self.masters if self.flat is None else [self.flat]
-        self.inner = _inner_optimizer(self.name, inner, lr, weight_decay, betas, eps)
+                inners = self._build_flat(lr, weight_decay, betas, eps)
+        self.inners = inners
+
+    def _build_flat(self, lr: float, weight_decay: float, betas, eps) -> list:
+        """The flat masters and the inner optimizers over its parts. bitsandbytes keeps fp32 state for tensors below
+        its min_8bit_size (8-bit state is too coarse for them): those go last, in a part of their own with fp32
+        state, as each had before."""
+        numels = [t.numel() for t in self.locals]
+        small = [i for i, n in enumerate(numels) if n < BNB_8BIT_MIN_SIZE] if self.name != "adamw" else []
+        order = [i for i in range(len(numels)) if i not in set(small)] + small
+        self._offsets = [0] * len(numels)
+        offset = 0
+        for i in order:
+            self._offsets[i] = offset
+            offset += numels[i]
+        self.flat = torch.empty(offset, dtype=torch.float32, device=self.locals[0].device)
+        self.masters = self._views(self.flat)
+        torch._foreach_copy_(self.masters, [t.detach() for t in self.locals])
+        split = offset - sum(numels[i] for i in small)
+        self._parts = [(a, b) for a, b in ((0, split), (split, offset)) if b > a]
+        self._inner_params = [self.flat[a:b].requires_grad_(True) for a, b in self._parts]
+        return [
+            _inner_optimizer(self.name, [part], lr, weight_decay, betas, eps, fp32_state=a >= split)
+            for part, (a, _) in zip(self._inner_params, self._parts)
+        ]
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's view of a flat buffer, at its offset."""
+        return [flat[o : o + t.numel()].view(t.shape) for o, t in zip(self._offsets, self.locals)]
 
     @property
     def param_groups(self) -> list[dict]:
-        """The inner optimizer's parameter groups (one group: `lr`, `betas`, `eps`, `weight_decay`)."""
-        return self.inner.param_groups
+        """The inner optimizers' parameter groups (`lr`, `betas`, `eps`, `weight_decay`), so schedules set `lr`."""
+        return [group for inner in self.inners for group in inner.param_groups]
 
     def zero_grad(self) -> None:
         """Drop the gradients of the parameters and of their masters (the flat gradient buffer is freed)."""
@@ -115,14 +144,15 @@ class AdapterOptimizer:
             for m in self.masters:  # the views keep the buffer alive
                 m.grad = None
             self._grad, self._grad_views = None, []
-        self.flat.grad = None
+        for part in self._inner_params:
+            part.grad = None
 
     def _flat_grad(self) -> torch.Tensor:
         """The step's flat fp32 gradient, allocated as zeros at its first use (a tensor never given a gradient in
         the step contributes zeros) and shown as each master's `.grad`."""
         if self._grad is None:
             self._grad = torch.zeros_like(self.flat)
-            self._grad_views = _views(self._grad, self.masters)
+            self._grad_views = self._views(self._grad)
             for m, g in zip(self.masters, self._grad_views):
                 m.grad = g
         return self._grad
@@ -196,9 +226,10 @@ class AdapterOptimizer:
     def step(self) -> None:
         """Move gradients to the fp32 masters, update them, round them back into the parameters, drop the gradients."""
         self.accumulate_grads()
-        if self.flat is not None:
-            self.flat.grad = self._grad  # None (no gradient in this step): the inner optimizer skips it
-        self.inner.step()
+        for part, (a, b) in zip(self._inner_params, self._parts):
+            part.grad = None if self._grad is None else self._grad[a:b]  # None: the inner optimizer skips it
+        for inner in self.inners:
+            inner.step()
         self._copy_back()
         self.zero_grad()
 
@@ -216,7 +247,7 @@ class AdapterOptimizer:
         return {
             "name": self.name,
             "layout": self.layout,
-            "inner": self.inner.state_dict(),
+            "inner": [inner.state_dict() for inner in self.inners],
             "masters": [m.detach().clone() for m in self.masters],
         }
 
@@ -240,10 +271,17 @@ class AdapterOptimizer:
                 f"the checkpoint's optimizer state is laid out {layout}{why} but this run's is {self.layout}; resume it "
                 "with the qlora-lite version and train.fsdp setting that wrote it, or start the run again."
             )
+        inner = state["inner"] if isinstance(state["inner"], list) else [state["inner"]]
+        if len(inner) != len(self.inners):
+            raise ConfigError(
+                f"the checkpoint's optimizer has {len(inner)} inner state(s), this run's {len(self.inners)}; resume "
+                "with the same optimizer and LoRA settings."
+            )
         for m, t in zip(self.masters, saved):
             m.copy_(t.to(m.device))
         self._copy_back()
-        self.inner.load_state_dict(state["inner"])
+        for opt, saved_inner in zip(self.inners, inner):
+            opt.load_state_dict(saved_inner)
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor the optimizer holds: the flat master (or the masters that are copies), and the inner state."""
@@ -251,6 +289,7 @@ class AdapterOptimizer:
             tensors = [self.flat]
         else:
             tensors = [m for m, t in zip(self.masters, self.locals) if m is not t]
-        for per_param in self.inner.state.values():
-            tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
+        for inner in self.inners:
+            for per_param in inner.state.values():
+                tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
         return tensors
