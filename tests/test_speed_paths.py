@@ -25,15 +25,21 @@ def _adapter_grads(model, ids) -> dict[str, torch.Tensor]:
     return grads
 
 
-def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(checkpointing, "OFFLOAD_MIN_BYTES", 1024)  # the tiny layers' inputs are 6 KiB
-    model, _ = load_quantized(tiny_model_dir("llama"), device="cpu")
+def _lora_model(model_dir):
+    """A 4-bit tiny model with LoRA whose B is not zero (so every adapter gets a gradient), in training mode, and a
+    batch of token ids."""
+    model, _ = load_quantized(model_dir, device="cpu")
     apply_lora(model, r=4, alpha=8, seed=0)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
     model.train()
-    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    return model, torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(checkpointing, "OFFLOAD_MIN_BYTES", 1024)  # the tiny layers' inputs are 6 KiB
+    model, ids = _lora_model(tiny_model_dir("llama"))
     enable_gradient_checkpointing(model, offload=False)
     kept = _adapter_grads(model, ids)
     enable_gradient_checkpointing(model, offload=True)
@@ -94,13 +100,7 @@ def _recomputed_layers(model, ids) -> list[int]:
 
 
 def test_selective_recompute_gives_the_same_gradients(tiny_model_dir):
-    model, _ = load_quantized(tiny_model_dir("llama", layers=5), device="cpu")
-    apply_lora(model, r=4, alpha=8, seed=0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-    model.train()
-    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    model, ids = _lora_model(tiny_model_dir("llama", layers=5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         enable_gradient_checkpointing(model)
         assert _recomputed_layers(model, ids) == [0, 1, 2, 3, 4]
