@@ -389,6 +389,22 @@ def test_memory_command_table(capsys):
     assert "gradient checkpointing on" in out  # the biggest single saving here
 
 
+def test_memory_command_offers_and_predicts_selective_recompute(capsys):
+    assert (
+        main(["memory", "llama-3.1-8b", "--seq-len", "2048", "--batch-size", "1", "--gpu-memory", "16GB", "--json"])
+        == 0
+    )
+    faster = json.loads(capsys.readouterr().out)["advice"]["faster"]
+    assert faster["changes"] == {"checkpoint_every": 3} and faster["total"] <= 16e9  # 11 of 32 layers recomputed
+    argv = ["memory", "llama-3.1-8b", "--seq-len", "2048", "--batch-size", "1", "--checkpoint-every", "3", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == faster["total"]  # the flag predicts what was offered
+    assert main(["memory", "llama-3.1-8b", "--seq-len", "2048", "--batch-size", "1", "--gpu-memory", "16GB"]) == 0
+    assert "faster with the spare memory: checkpoint_every 3 (11 of 32 layers recomputed)" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
