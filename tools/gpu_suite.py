@@ -968,7 +968,7 @@ def bench_child_main(payload: str) -> int:
     elif bench.MODELS[p["model"]] != p["spec"]:
         raise SystemExit(f"tools/bench.py's {p['model']} is {bench.MODELS[p['model']]}, not {p['spec']}")
     keys = ("device", "model", "seq_len", "micro_batch", "steps", "warmup", "rank", "alpha", "lr", "optimizer", "seed",
-            "loss_chunk", "offload", "side", "model_dir")  # fmt: skip
+            "loss_chunk", "checkpoint_every", "offload", "side", "model_dir")  # fmt: skip
     result = bench.child(argparse.Namespace(**{k: p[k] for k in keys}))
     print(json.dumps(result), flush=True)
     return 0
@@ -991,7 +991,8 @@ def section_speed(ctx: Ctx) -> None:
     full = not ctx.smoke
     payload = dict(device="cuda" if ctx.cuda else "cpu", model=name, spec=spec, model_dir=str(model_dir),
                    seq_len=2048 if full else 64, micro_batch=1, steps=10 if full else 3, warmup=3 if full else 1,
-                   rank=16, alpha=32.0, lr=2e-4, optimizer="paged_adamw_8bit", seed=0, loss_chunk=128, offload=False)  # fmt: skip
+                   rank=16, alpha=32.0, lr=2e-4, optimizer="paged_adamw_8bit", seed=0, loss_chunk=128, checkpoint_every=1,
+                   offload=False)  # fmt: skip
     rec.figure(model=name, **{k: payload[k] for k in ("seq_len", "micro_batch", "steps", "warmup", "optimizer", "rank")},
                command_equivalent=f"python tools/bench.py --device {payload['device']} --model {name} --seq-len {payload['seq_len']} "
                f"--micro-batch 1 --steps {payload['steps']} --warmup {payload['warmup']} --optimizer paged_adamw_8bit")  # fmt: skip

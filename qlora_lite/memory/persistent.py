@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 from ..model.quant import weight_bytes_4bit, weight_bytes_8bit
-from .constants import BF16, FP32
+from .constants import BF16, BNB_8BIT_MIN_SIZE, FP32
 from .inventory import Inventory, LinearInfo
 from .settings import RunSettings
 
-BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes Optimizer2State(min_8bit_size=4096): smaller tensors keep fp32 state
 BNB_STATE_BLOCK = 256  # bitsandbytes 8-bit optimizers quantize state1/state2 blockwise, 256 values per fp32 absmax
 BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer pages only tensors with numel >= 1e5
 

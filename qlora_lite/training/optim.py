@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..errors import ConfigError
+from ..memory.constants import BNB_8BIT_MIN_SIZE  # bitsandbytes' own split, which the memory model counts too
 
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
-BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 optimizer state
 
 
 def resolve_optimizer_name(name: str, device: torch.device) -> str:
@@ -62,8 +62,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class AdapterOptimizer:
     """AdamW over fp32 master copies of (usually bf16) trainable parameters, held in one flat buffer.
 
-    `param_groups` is the inner optimizer's, so schedules set `group["lr"]` as usual. `masters` are per-tensor
-    views of the flat fp32 master `flat`. Parameters sharded by FSDP2 (DTensors) are updated through their local
+    `param_groups` are the inner optimizers', so schedules set `group["lr"]` as usual. `masters` are per-tensor
+    views of the flat fp32 buffer `flat`. Parameters sharded by FSDP2 (DTensors) are updated through their local
     shards, one master each (bitsandbytes' 8-bit update has no DTensor rule; `flat` is None), and the gradient norm
     is summed over the shard group.
     """
@@ -106,7 +106,7 @@ class AdapterOptimizer:
         state, as each had before."""
         numels = [t.numel() for t in self.locals]
         small = [i for i, n in enumerate(numels) if n < BNB_8BIT_MIN_SIZE] if self.name != "adamw" else []
-        order = [i for i in range(len(numels)) if i not in set(small)] + small
+        order = [i for i, n in enumerate(numels) if i not in small] + small  # small is short: the ones below 4096
         self._offsets = [0] * len(numels)
         offset = 0
         for i in order:
