@@ -137,7 +137,8 @@ def build_qlora(model_dir: Path, device, args):
         model_dir, bits=4, quant_type="nf4", double_quant=True, device=device, load_tokenizer=False
     )
     apply_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", seed=args.seed)
-    enable_gradient_checkpointing(model, offload=args.offload, every=args.checkpoint_every)
+    if getattr(args, "gradient_checkpointing", True):  # tools/profile_step.py's --no-recompute turns it off
+        enable_gradient_checkpointing(model, offload=args.offload, every=args.checkpoint_every)
     if args.side == COMPILED:
         compile_decoder_layers(model)  # where prepare_run calls it: after checkpointing, before the optimizer
     model.train()
