@@ -260,7 +260,7 @@ def _subprocess_train(cfg: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigterm_and_ctrl_c_say_what_was_saved_and_resume_ends_like_an_uninterrupted_run(
-    tiny_model_dir, tmp_path, capsys, monkeypatch
+    tiny_model_dir, tmp_path, capsys, monkeypatch, request
 ):
     model_dir, data = tiny_model_dir("llama"), _data(tmp_path / "train.jsonl")
     ref_out, out = tmp_path / "ref", tmp_path / "run"
@@ -292,7 +292,11 @@ def test_sigterm_and_ctrl_c_say_what_was_saved_and_resume_ends_like_an_uninterru
     leftovers = [p.name for d in (out, out / "checkpoints") for p in d.iterdir() if p.name.startswith(".")]
     assert leftovers == [] and not (out / "adapter").exists()  # nothing half-written, nothing pretending to be final
 
-    # Ctrl-C (SIGINT), in-process this time: the same sentence, exit 130, and the handlers come back afterwards
+    # Ctrl-C (SIGINT), in-process this time: the same sentence, exit 130, and the handlers come back afterwards.
+    # Python's own SIGINT handler first: a suite started in the background by a non-interactive shell inherits SIGINT
+    # ignored, which the command rightly keeps ignoring.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous_sigint))
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     real_fault_point = run.fault_point
 
