@@ -79,6 +79,8 @@ def _lora_saved(inv: Inventory, layer_targets: list[LinearInfo], s: RunSettings,
         per_token += sum(2 * BF16 * t.out_features for t in layer_targets)
     if s.lora_dropout > 0:
         return per_token + sum(3 * t.in_features for t in layer_targets)  # per LoRA: bf16 dropout output + bool mask
+    if s.adapter_dtype == "float32":  # each LoRA keeps its own bf16 autocast copy of its fp32 input
+        return per_token + sum(BF16 * t.in_features for t in layer_targets)
     roles = {t.role for t in layer_targets if not (t.role == "attn_out" and mode == "flash")}  # flash keeps O anyway
     # lora_A keeps its input for the weight gradient; layers reading the same tensor (q/k/v, gate/up) share it
     return per_token + sum(

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .constants import GiB, MiB
 from .inventory import Inventory
 from .report import MemoryReport, report_for, with_settings
+from .settings import chunked_loss_changes
 
 # memory.total in MiB as nvidia-smi reports it for common boards (ECC on where the board ships with it);
 # quoted from memory of typical driver output: check yours with `nvidia-smi --query-gpu=memory.total --format=csv`.
@@ -137,7 +138,7 @@ def candidate_switches(report: MemoryReport) -> list[tuple[str, dict[str, Any]]]
     if s.bits == 4 and not s.double_quant:
         out.append(("double quantization on", {"double_quant": True}))
     if not s.chunked_loss:
-        out.append(("chunked loss", {"chunked_loss": True}))
+        out.append(("chunked loss", chunked_loss_changes(s)))
     selective = s.gradient_checkpointing and s.checkpoint_every > 1
     every = {"checkpoint_every": 1} if selective else {}  # offload and tiled MLP run with every layer checkpointed
     also = " (and every layer recomputed)" if selective else ""

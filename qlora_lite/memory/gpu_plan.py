@@ -7,12 +7,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..config.settings import default_of
 from ..errors import ConfigError
 from .advice import largest_fitting
 from .inventory import Inventory
 from .ranks import GPUS_PER_NODE, MIN_SEARCH_SEQ, SEQ_STEP, RankReport, rank_report
-from .settings import RunSettings
+from .settings import RunSettings, chunked_loss_changes
 
 
 @dataclass
@@ -68,8 +67,7 @@ def _ladder(s: RunSettings) -> list[tuple[str, dict[str, Any]]]:
     if s.checkpoint_every > 1:
         out.append(("every layer recomputed", {"checkpoint_every": 1}))
     if not s.chunked_loss:
-        chunk = s.loss_chunk_tokens if s.loss_chunk_tokens > 0 else default_of("train.loss_chunk_tokens")
-        out.append(("chunked loss", {"chunked_loss": True, "loss_chunk_tokens": chunk}))
+        out.append(("chunked loss", chunked_loss_changes(s)))
     if s.batch_size > 1:  # the same tokens per optimizer step
         out.append(
             (

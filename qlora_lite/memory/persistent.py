@@ -66,6 +66,23 @@ def added_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> l
     return adapter_numels(targets, s.rank, s.use_dora) + token_numels(inv, s.trainable_token_rows)
 
 
+def adapter_bytes_each(s: RunSettings) -> int:
+    """Bytes per element of LoRA A and B (and DoRA's magnitudes), and of their gradients: `lora.adapter_dtype`."""
+    return FP32 if s.adapter_dtype == "float32" else BF16
+
+
+def added_bytes(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> int:
+    """Bytes of the tensors training adds: the adapters in their dtype, the new-token deltas in bf16."""
+    adapters = sum(adapter_numels(targets, s.rank, s.use_dora))
+    return adapter_bytes_each(s) * adapters + BF16 * sum(token_numels(inv, s.trainable_token_rows))
+
+
+def adapter_casts(targets: list[LinearInfo], s: RunSettings) -> int:
+    """Bytes of the bf16 copies bf16 autocast makes of fp32 adapters for the forward (cached for the whole forward,
+    kept by autograd for backward); none for bf16 adapters."""
+    return BF16 * sum(adapter_numels(targets, s.rank, s.use_dora)) if s.adapter_dtype == "float32" else 0
+
+
 def trainable_numels(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> list[int]:
     """Every trained tensor's element count: the added tensors, then the modules trained whole in place (their
     weights are the base's own, counted once as unquantized weights; their gradients and state are counted here)."""

@@ -29,6 +29,8 @@ from .activations import activation_model, attention_mode, layer_activations, lo
 from .constants import BF16, FP32, GiB, MiB
 from .inventory import Inventory, LinearInfo, build_inventory
 from .persistent import (
+    adapter_casts,
+    added_bytes,
     added_numels,
     optimizer_state_bytes,
     quantized_weight_bytes,
@@ -44,8 +46,9 @@ COMPONENT_LABELS = {
     "quantized_weights": "quantized base weights",
     "unquantized_weights": "unquantized weights (bf16)",
     "buffers": "buffers",
-    "lora_adapters": "LoRA adapters (bf16)",
-    "lora_gradients": "LoRA gradients (bf16)",
+    "lora_adapters": "LoRA adapters",
+    "lora_gradients": "LoRA gradients",
+    "adapter_casts": "bf16 copies of fp32 adapters",
     "gradient_accumulation": "fp32 gradients (accumulation)",
     "optimizer_state": "optimizer state",
     "workspaces": "cuBLAS workspaces",
@@ -107,7 +110,7 @@ def _persistent(inv: Inventory, targets: list[LinearInfo], s: RunSettings) -> tu
         "quantized_weights": quantized_weight_bytes(targets, s),
         "unquantized_weights": unquantized_weight_bytes(inv, targets),
         "buffers": inv.buffer_bytes,
-        "lora_adapters": BF16 * sum(added_numels(inv, targets, s)),
+        "lora_adapters": added_bytes(inv, targets, s),
         "optimizer_state": optimizer,
     }
     if s.device == "cuda":
@@ -131,7 +134,10 @@ def _phases(
     loss_peak, _, _ = loss_bytes(inv, s)
     ws = working_sets(inv, targets, acts, s)
     numel = sum(trainable_numels(inv, targets, s))
-    bf16_grads = BF16 * numel  # .grad of each bf16 adapter tensor, alive from backward to accumulate_grads
+    added = sum(added_numels(inv, targets, s))
+    # .grad of each trained tensor, in its own dtype (the adapters': lora.adapter_dtype), from backward to accumulate
+    adapter_grads = added_bytes(inv, targets, s) + BF16 * (numel - added)
+    casts = adapter_casts(targets, s)
     fp32_grads = FP32 * numel  # AdapterOptimizer.accumulate_grads: fp32 .grad on the masters until the step
     accumulated = fp32_grads if s.grad_accum > 1 else 0  # micro-batches after the first run with them alive
     step_temp = FP32 * numel if s.optimizer_in_use == "adamw" and s.device == "cuda" else 0  # foreach AdamW's sqrt list
@@ -143,17 +149,20 @@ def _phases(
             "activations": stored + (0 if any(acts.checkpointed) else acts.masks),
             "layer_working_set": ws["forward"][0],
             "dequant_temporaries": ws["forward"][1],
+            "adapter_casts": casts,
         },
         "loss": {
             **persistent,
             "gradient_accumulation": accumulated,
+            "adapter_casts": casts,
             "activations": stored + acts.final_norm,
             "logits_and_loss": loss_peak,
         },
         "backward": {
             **persistent,
-            "lora_gradients": bf16_grads,
+            "lora_gradients": adapter_grads,
             "gradient_accumulation": accumulated,
+            "adapter_casts": casts,
             "activations": stored,
             "layer_working_set": ws["backward"][0],
             "dequant_temporaries": ws["backward"][1],
@@ -312,12 +321,14 @@ def describe_components(report: MemoryReport) -> dict[str, str]:
     if s.gradient_checkpointing and s.checkpoint_every > 1:
         ckpt = f"{full}, every {s.checkpoint_every}th layer {kept} (checkpointed)"
     loss_tokens = min(s.loss_chunk_tokens, s.tokens) if s.chunked_loss else s.tokens
+    dtype = "fp32" if s.adapter_dtype == "float32" else "bf16"
     return {
         "quantized_weights": f"{d['targeted_layers']} layers, {s.bits}-bit {quant}",
         "unquantized_weights": "embeddings, lm_head (tied once), norms, biases",
         "buffers": "rotary tables and other buffers",
-        "lora_adapters": f"{d['adapter_parameters']:,} params, r={s.rank}",
-        "lora_gradients": "one bf16 .grad per adapter tensor (during backward)",
+        "lora_adapters": f"{d['adapter_parameters']:,} params, r={s.rank}, {dtype}",
+        "lora_gradients": f"one {dtype} .grad per adapter tensor (during backward)",
+        "adapter_casts": "bf16 autocast's copies of A and B, from the forward to their backward",
         "gradient_accumulation": f"fp32 .grad on the masters ({s.grad_accum} micro-batches per step)",
         "optimizer_state": f"{d['optimizer_in_use']}: fp32 masters + moments",
         "workspaces": "2 cuBLAS handles x 32 MiB",

@@ -28,6 +28,7 @@ SCHEMA_KEYS = {
     "targets": "lora.target_modules",
     "lora_dropout": "lora.dropout",
     "use_dora": "lora.use_dora",
+    "adapter_dtype": "lora.adapter_dtype",
     "seq_len": "data.max_seq_len",
     "packing": "data.packing",
     "batch_size": "train.micro_batch_size",
@@ -61,6 +62,7 @@ class RunSettings:
     targets: Any = _default("targets")
     lora_dropout: float = _default("lora_dropout")
     use_dora: bool = _default("use_dora")  # DoRA: one magnitude vector [out] per adapted layer
+    adapter_dtype: str = _default("adapter_dtype")  # float32: A and B (and their gradients) in fp32 under bf16 autocast
     seq_len: int = _default("seq_len")
     packing: bool = _default("packing")
     batch_size: int = _default("batch_size")
@@ -198,3 +200,10 @@ def settings_from_config(config: TrainConfig, device: str = "cuda", **extra: Any
     if config.get("data.resize_embeddings") and not values["modules_to_save"]:  # else the whole modules train
         values["trainable_token_rows"] = len(config.get("data.add_special_tokens") or [])
     return make_settings(**{**values, **extra}, device=device)
+
+
+def chunked_loss_changes(s: RunSettings) -> dict[str, Any]:
+    """The `RunSettings` changes that turn the chunked loss on: the run's own chunk size, or the trainer's default
+    when it has none (`--no-chunked-loss` and `train.loss_chunk_tokens: 0` leave it 0)."""
+    chunk = s.loss_chunk_tokens if s.loss_chunk_tokens > 0 else _default("loss_chunk_tokens")
+    return {"chunked_loss": True, "loss_chunk_tokens": chunk}
