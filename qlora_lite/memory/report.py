@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..errors import ConfigError
-from .activations import activation_model, attention_mode, layer_activations, loss_bytes, sdpa_masked, working_sets
+from .activations import activation_model, attention_mode, layer_activations, loss_bytes, sdpa_masked
 from .constants import BF16, FP32, GiB, MiB
 from .inventory import Inventory, LinearInfo, build_inventory
 from .persistent import (
@@ -38,6 +38,7 @@ from .persistent import (
     unquantized_weight_bytes,
 )
 from .settings import RunSettings, make_settings
+from .working_sets import working_sets
 
 CUBLAS_WORKSPACE = 32 * MiB  # torch's default cuBLAS workspace on sm90 (CUBLAS_WORKSPACE_CONFIG=:4096:8), per handle
 ALLOCATOR_SLACK = 0.03  # caching-allocator rounding/splitting on top of the phase model (uncalibrated guess, see docs)
