@@ -129,7 +129,9 @@ def test_cpu_smoke_run_reports_every_section_with_real_figures(tmp_path):
     assert resume["max_abs_diff"] == 0 and resume["bitwise"] is True and resume["logged_loss_max_abs_diff"] == 0
 
     speed = _check(sections["speed"], "tokens/s")["figures"]
-    assert speed["tokens_per_s_qlora"] > 0 and speed["tokens_per_s_baseline"] > 0 and speed["peak_ratio"] > 0
+    assert [r["side"] for r in speed["runs"]] == ["lean", "qlora", "common"]  # both of tools/bench.py's baselines
+    assert all(speed[f"tokens_per_s_{side}"] > 0 for side in ("qlora", "lean", "common"))
+    assert speed["peak_ratio_lean"] > 0 and speed["peak_ratio_common"] > 0
 
     points = _check(sections["memory_report"], "predicted vs measured")["figures"]["points"]
     assert len(points) >= 8
@@ -167,3 +169,17 @@ def test_a_section_that_raises_or_hangs_is_recorded_and_the_later_ones_still_run
     assert sections["memory_report"]["status"] == "ok"
     assert len(_check(sections["memory_report"], "predicted vs measured")["figures"]["points"]) >= 8
     assert report["finished"] and report["totals"]["failed"] == 2 and report["totals"]["ok"] == 1
+
+
+def test_speed_ratios_are_per_repeat_pairs_against_each_baseline(suite):
+    def run(side, repeat, tps, mem):
+        return {"side": side, "repeat": repeat, "tokens_per_s": tps, "train_peak_rss": mem, "losses": [2.0, 1.0]}
+
+    runs = [run("lean", 0, 100, 10), run("qlora", 0, 150, 6), run("common", 0, 90, 12),
+            run("common", 1, 45, 12), run("qlora", 1, 50, 6), run("lean", 1, 40, 10)]  # fmt: skip
+    f = suite.speed_figures(runs, ("lean", "common"), "train_peak_rss", cuda=False)
+    # per repeat: 150/100 and 50/40, not the ratio of the medians (100/70)
+    assert f["tokens_per_s_ratio_lean"] == pytest.approx((1.5 + 1.25) / 2)
+    assert f["tokens_per_s_ratio_common"] == pytest.approx((150 / 90 + 50 / 45) / 2)
+    assert f["tokens_per_s_qlora"] == 100 and f["peak_ratio_lean"] == pytest.approx(0.6)
+    assert f["first_step_loss_rel_diff"] == 0
