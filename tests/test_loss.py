@@ -38,6 +38,30 @@ def test_chunked_matches_full_cross_entropy_in_fp32(softcap, trainable_head):
         assert rel_err(weight.grad, w_ref.grad) < 1e-6
 
 
+@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float32])
+def test_chunked_under_bf16_autocast_computes_the_logits_as_autocast_does(head_dtype):
+    # the chunk's matmul writes into a reused buffer (`out=`), which autocast does not cast for: the logits must still
+    # be the bf16 product autocast gives, for a bf16 head and for a trainable fp32 one (modules_to_save)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).bfloat16().requires_grad_(True)
+    weight = (torch.randn(50, 16, generator=g) * 0.3).to(head_dtype).requires_grad_(head_dtype == torch.float32)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::5] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=8)
+        h_ref = hidden.detach().clone().requires_grad_(True)
+        w_ref = weight.detach().clone().requires_grad_(weight.requires_grad)
+        logits = h_ref @ w_ref.t()
+    assert logits.dtype == torch.bfloat16
+    ref = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    loss.backward()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-6 * ref.item()  # fp32 logits differ here by 4e-5
+    assert hidden.grad.dtype == torch.bfloat16 and rel_err(hidden.grad.float(), h_ref.grad.float()) < 1e-2
+    if weight.requires_grad:
+        assert weight.grad.dtype == torch.float32 and rel_err(weight.grad, w_ref.grad) < 1e-2
+
+
 def test_shift_labels_pads_with_ignore():
     labels = torch.tensor([[5, 6, 7], [8, 9, IGNORE_INDEX]])
     assert shift_labels(labels).tolist() == [[6, 7, IGNORE_INDEX], [9, IGNORE_INDEX, IGNORE_INDEX]]
