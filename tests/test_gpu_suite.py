@@ -132,6 +132,8 @@ def test_cpu_smoke_run_reports_every_section_with_real_figures(tmp_path):
     assert [r["side"] for r in speed["runs"]] == ["lean", "qlora", "common"]  # both of tools/bench.py's baselines
     assert all(speed[f"tokens_per_s_{side}"] > 0 for side in ("qlora", "lean", "common"))
     assert speed["peak_ratio_lean"] > 0 and speed["peak_ratio_common"] > 0
+    chunk = _check(sections["speed"], "loss chunk of 512")
+    assert chunk["status"] == "ok" and chunk["figures"]["tokens_per_s_chunk512"] > 0, chunk
 
     points = _check(sections["memory_report"], "predicted vs measured")["figures"]["points"]
     assert len(points) >= 8

@@ -1069,6 +1069,27 @@ def section_speed(ctx: Ctx) -> None:
             figures["first_step_loss_rel_diff"] <= 1e-3,
             figures["first_step_loss_rel_diff"],
         )
+    with rec.check("loss chunk of 512 tokens against the default 128: qlora-lite tokens/s") as c:
+        # whether a larger chunk pays on a GPU (docs/benchmarks.md estimates ~1.5 % of a step from lm_head's weight
+        # reads); the default stays 128 until this has run
+        ours = [r for r in runs if r["side"] == "qlora"]
+        if not ours:
+            c.skip("qlora-lite's speed was not measured")
+        per_run = max(r["seconds"] for r in ours)
+        if ctx.time_left() < per_run + 10:
+            c.skip(f"{ctx.time_left():.0f} s of the time box left, a run takes ~{per_run:.0f} s")
+        larger = {**payload, "side": "qlora", "loss_chunk": 512}
+        proc = run_logged([sys.executable, str(THIS), "--bench-child", json.dumps(larger)], ctx.time_left(),
+                          child_env(PYTHONWARNINGS="ignore"))  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"the chunk-512 run failed ({describe_exit(proc.returncode)}): {tail(proc.stderr, 800)}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        default = median([r["tokens_per_s"] for r in ours])
+        mem_key = "max_reserved" if ctx.cuda else "train_peak_rss"
+        c.fig(tokens_per_s_chunk128=default, tokens_per_s_chunk512=result["tokens_per_s"],
+              speed_ratio_512_over_128=result["tokens_per_s"] / default,
+              peak_ratio_512_over_128=result[mem_key] / median([r[mem_key] for r in ours]))  # fmt: skip
+        c.note("one chunk-512 run against the median of the default runs above; not alternated")
     with rec.check("MFU against 6 * N * tokens/s") as c:
         if not ctx.cuda:
             c.skip("no CUDA")
