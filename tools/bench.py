@@ -488,7 +488,7 @@ def format_report(report: dict) -> list[str]:
     ]
     if s.get("checkpoint_every", 1) > 1:
         lines.append(
-            f"NOTE: qlora-lite recomputes only every {s['checkpoint_every']}th layer (train.checkpoint_every); the "
+            f"NOTE: qlora-lite recomputes only one layer in {s['checkpoint_every']} (train.checkpoint_every); the "
             "baselines recompute every layer: the ratios compare a speed-for-memory trade, not the same work"
         )
     lines += [f"WARNING: {w}" for w in report["warnings"]]

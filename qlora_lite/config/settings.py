@@ -275,7 +275,7 @@ class TrainSettings(Section):
                     f"{prefix}checkpoint_every is {every} but {prefix}gradient_checkpointing is off; "
                     "turn it on, or set checkpoint_every: 1"
                 ]
-            clashes = [n for n in ("offload_activations", "tiled_mlp", "compile", "fsdp") if getattr(self, n) is True]
+            clashes = [n for n in ("offload_activations", "tiled_mlp", "fsdp") if getattr(self, n) is True]
             if clashes:
                 return [
                     f"{prefix}checkpoint_every: {every} (selective recompute) does not run with "

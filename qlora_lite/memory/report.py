@@ -320,7 +320,7 @@ def describe_components(report: MemoryReport) -> dict[str, str]:
         f"{kept} (checkpointing; {full} without)" if s.gradient_checkpointing else f"{full} ({kept} with checkpointing)"
     )
     if s.gradient_checkpointing and s.checkpoint_every > 1:
-        ckpt = f"{full}, every {s.checkpoint_every}th layer {kept} (checkpointed)"
+        ckpt = f"{full}; one layer in {s.checkpoint_every} checkpointed: {kept}"
     loss_tokens = min(s.loss_chunk_tokens, s.tokens) if s.chunked_loss else s.tokens
     dtype = "fp32" if s.adapter_dtype == "float32" else "bf16"
     return {
