@@ -27,6 +27,8 @@ ADAPTER_DTYPES = ("bfloat16", "float32")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 # Far beyond any real run, small enough that torch and the OS accept the numbers derived from them.
 MAX_COUNT = 2**31 - 1
+# train settings selective recompute (train.checkpoint_every > 1) does not run with yet
+SELECTIVE_RECOMPUTE_CLASHES = ("offload_activations", "tiled_mlp", "fsdp")
 
 
 def setting(default: Any, help: str, *, resume: bool = False, **rules: Any) -> Any:
@@ -275,7 +277,7 @@ class TrainSettings(Section):
                     f"{prefix}checkpoint_every is {every} but {prefix}gradient_checkpointing is off; "
                     "turn it on, or set checkpoint_every: 1"
                 ]
-            clashes = [n for n in ("offload_activations", "tiled_mlp", "fsdp") if getattr(self, n) is True]
+            clashes = [n for n in SELECTIVE_RECOMPUTE_CLASHES if getattr(self, n) is True]
             if clashes:
                 return [
                     f"{prefix}checkpoint_every: {every} (selective recompute) does not run with "

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..config.settings import SELECTIVE_RECOMPUTE_CLASHES
 from ..config.units import UNIT_NAMES, parse_size
 from ..errors import ConfigError
 from .constants import GiB, MiB
@@ -173,7 +174,11 @@ def least_recompute(inv: Inventory, report: MemoryReport, budget: int) -> Switch
     """With every layer checkpointed and memory to spare: the change that recomputes the fewest layers and still fits
     (checkpointing off, else the largest `checkpoint_every`), or None. Its `saves` is negative: it costs memory."""
     s = report.settings
-    if not s.gradient_checkpointing or s.checkpoint_every != 1 or s.offload_activations or s.tiled_mlp or s.fsdp:
+    if (
+        not s.gradient_checkpointing
+        or s.checkpoint_every != 1
+        or any(getattr(s, n) for n in SELECTIVE_RECOMPUTE_CLASHES)
+    ):
         return None
     if report.total > budget:
         return None

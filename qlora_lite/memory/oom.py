@@ -131,7 +131,7 @@ def memory_settings(config: TrainConfig) -> RunSettings:
 
 def _candidates(config: TrainConfig, s: RunSettings) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(description, config overrides, memory-setting changes), least intrusive first."""
-    from ..config.settings import default_of
+    from .settings import chunked_loss_changes
 
     t = config.train
     out = []
@@ -142,9 +142,9 @@ def _candidates(config: TrainConfig, s: RunSettings) -> list[tuple[str, dict[str
             {"checkpoint_every": 1},
         ))  # fmt: skip
     if not s.chunked_loss:
-        chunk = default_of("train.loss_chunk_tokens")
-        out.append((f"chunked loss (train.loss_chunk_tokens {chunk})", {"train.loss_chunk_tokens": chunk},
-                    {"chunked_loss": True, "loss_chunk_tokens": chunk}))  # fmt: skip
+        changes = chunked_loss_changes(s)
+        chunk = changes["loss_chunk_tokens"]
+        out.append((f"chunked loss (train.loss_chunk_tokens {chunk})", {"train.loss_chunk_tokens": chunk}, changes))
     if not t.gradient_checkpointing:
         out.append(
             ("gradient checkpointing on", {"train.gradient_checkpointing": True}, {"gradient_checkpointing": True})

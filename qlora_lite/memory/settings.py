@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..config.settings import TrainConfig, check_value, default_of
+from ..config.settings import SELECTIVE_RECOMPUTE_CLASHES, TrainConfig, check_value, default_of
 from ..errors import ConfigError
 
 MiB = 1 << 20
@@ -123,7 +123,7 @@ class RunSettings:
             found.append("offload_activations needs gradient_checkpointing (it offloads the checkpointed inputs)")
         every = self.checkpoint_every
         if isinstance(every, int) and not isinstance(every, bool) and every > 1:
-            clashes = [n for n in ("offload_activations", "tiled_mlp", "fsdp") if getattr(self, n) is True]
+            clashes = [n for n in SELECTIVE_RECOMPUTE_CLASHES if getattr(self, n) is True]
             if not self.gradient_checkpointing:
                 found.append(f"checkpoint_every is {every}; it needs gradient_checkpointing")
             elif clashes:
