@@ -563,7 +563,8 @@ def versions() -> dict:
     return found
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, and with it the benchmark's defaults (tools/profile_step.py builds its sides from them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default=None, choices=sorted(MODELS))
@@ -600,6 +601,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line on stdout (the text goes to stderr)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     args.model = args.model or ("llama-1b-128k" if args.device == "cuda" else "llama-small")
     args.seq_len = args.seq_len or (2048 if args.device == "cuda" else 256)

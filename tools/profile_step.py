@@ -125,13 +125,14 @@ def main() -> None:
         "--no-recompute", dest="gradient_checkpointing", action="store_false",
         help="qlora-lite with train.gradient_checkpointing off",
     )  # fmt: skip
-    parser.add_argument("--optimizer", default="adamw_8bit", choices=["paged_adamw_8bit", "adamw_8bit", "adamw"])
-    parser.add_argument("--loss-chunk", type=int, default=128)
+    # absent, these take tools/bench.py's defaults (below)
+    parser.add_argument("--optimizer", default=argparse.SUPPRESS, choices=["paged_adamw_8bit", "adamw_8bit", "adamw"])
+    parser.add_argument("--loss-chunk", type=int, default=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or ("llama-1b-128k" if args.device == "cuda" else "llama-small")
     args.seq_len = args.seq_len or (2048 if args.device == "cuda" else 256)
-    # what tools/bench.py's builders read besides the above, at the benchmark's values
-    args.rank, args.alpha, args.lr, args.seed, args.offload = 16, 32.0, 2e-4, 0, False
+    # what tools/bench.py's builders read and these flags leave (rank, alpha, lr, seed, offload, ...): its defaults
+    args = argparse.Namespace(**{**vars(bench.build_parser().parse_args([])), **vars(args)})
     profile(args)
 
 
