@@ -1,9 +1,10 @@
 """The checkpoint format and resume policy: write a checkpoint atomically, check one, find the newest good one.
 
 A checkpoint (`checkpoints/step-N/`) holds the PEFT adapter, optimizer.pt (its layout, flat or per-tensor under
-FSDP, the fp32 masters per tensor and the inner AdamW states, tensors only, loaded with `weights_only=True`), rng.safetensors, trainer_state.json (step, data position,
-schedule, logging window, tokens and loss-carrying tokens so far, the settings fingerprint, the data files' sizes
-and sha256) and a `COMPLETE` marker written last, listing every file with its size and sha256.
+FSDP, the fp32 masters per tensor and the inner AdamW states, tensors only, loaded with `weights_only=True`),
+rng.safetensors, trainer_state.json (step, data position, schedule, logging window, tokens and loss-carrying tokens
+so far, the settings fingerprint, the data files' sizes and sha256) and a `COMPLETE` marker written last, listing
+every file with its size and sha256.
 
 Resume policy: a changed fingerprinted setting is refused; a changed data file is refused unless the caller
 allows it; a changed schedule setting (max_steps or the length epochs makes, lr, warmup_steps, schedule) is
